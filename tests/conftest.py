@@ -1,0 +1,106 @@
+"""A tiny VOC-shaped folder tree written by the tests, and a helper to run the scripts as a user does."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import common  # noqa: E402
+
+# 12 training images (the first 8 are VOC's train.txt), 4 val images, in three sizes.
+TRAIN_IDS = [f"2007_{i:06d}" for i in range(1, 13)]
+VOC_TRAIN_IDS = TRAIN_IDS[:8]
+VAL_IDS = [f"2008_{i:06d}" for i in range(1, 5)]
+SIZES = [(40, 30), (30, 40), (36, 36)]  # (width, height)
+
+
+def image_size(index):
+    return SIZES[index % len(SIZES)]
+
+
+def make_mask(index, num_classes=21):
+    """A background mask with one class rectangle and a 255 border, as VOC's are."""
+    width, height = image_size(index)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    label = 1 + index % (num_classes - 1)
+    mask[5:height - 8, 6:width - 10] = IGNORE_BORDER
+    mask[6:height - 9, 7:width - 11] = label
+    return mask
+
+
+IGNORE_BORDER = 255
+
+
+def make_image(index):
+    rng = np.random.default_rng(index)
+    width, height = image_size(index)
+    return rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+
+
+def write_voc_tree(root, with_aug=True, train_aug_list=False):
+    """JPEGImages, SegmentationClass (palette PNGs: VOC train and val ids), SegmentationClassAug
+    (single-channel PNGs: all training ids and, as the real SBD folder, the val ids too), split files."""
+    for folder in ["JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"]:
+        os.makedirs(os.path.join(root, folder), exist_ok=True)
+    palette = common.voc_palette()
+    for index, image_id in enumerate(TRAIN_IDS + VAL_IDS):
+        Image.fromarray(make_image(index)).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=95)
+        mask = make_mask(index)
+        if image_id in VOC_TRAIN_IDS or image_id in VAL_IDS:
+            png = Image.fromarray(mask, mode="P")
+            png.putpalette(palette)
+            png.save(os.path.join(root, "SegmentationClass", f"{image_id}.png"))
+        if with_aug:
+            Image.fromarray(mask, mode="L").save(os.path.join(root, "SegmentationClassAug", f"{image_id}.png"))
+    if not with_aug:
+        os.rmdir(os.path.join(root, "SegmentationClassAug"))
+    with open(os.path.join(root, "ImageSets/Segmentation/train.txt"), "w") as f:
+        f.writelines(f"{i}\n" for i in VOC_TRAIN_IDS)
+    with open(os.path.join(root, "ImageSets/Segmentation/val.txt"), "w") as f:
+        f.writelines(f"{i}\n" for i in VAL_IDS)
+    if train_aug_list:
+        os.makedirs(os.path.join(root, "ImageSets/SegmentationAug"), exist_ok=True)
+        with open(os.path.join(root, "ImageSets/SegmentationAug/train_aug.txt"), "w") as f:
+            f.writelines(f"{i}\n" for i in TRAIN_IDS[:10])
+    return root
+
+
+@pytest.fixture(scope="session")
+def voc_template(tmp_path_factory):
+    return write_voc_tree(str(tmp_path_factory.mktemp("voc_template") / "VOC2012"))
+
+
+@pytest.fixture
+def voc_root(voc_template, tmp_path):
+    """A fresh copy of the tiny VOC tree that a test may change."""
+    return shutil.copytree(voc_template, str(tmp_path / "VOC2012"))
+
+
+# The smallest settings that run the real scripts end to end on the CPU in seconds.
+TINY_TRAIN = ["--backbone", "tiny_unet", "--no-pretrained", "--crop-size", "24", "--batch-size", "2",
+              "--iters", "2", "--workers", "0", "--device", "cpu", "--print-every", "1"]
+
+
+def run_script(script, *args, check=True):
+    """Run a script as a user does; returns the CompletedProcess (stdout and stderr as text)."""
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def assert_user_error(result, *fragments):
+    """One clear line on stderr, a non-zero exit, no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
