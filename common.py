@@ -234,6 +234,13 @@ def make_split(root, labeled, protocol="classic", seed=0, labeled_list=None, unl
     return sorted(labeled_ids), sorted(unlabeled_ids)
 
 
+def split_of_run(args, checkpoint):
+    """The split of a training run: drawn by the protocol, or read back from the run being resumed."""
+    if checkpoint is not None:
+        return checkpoint["labeled"], checkpoint["unlabeled"]
+    return make_split(args.data_root, args.labeled, args.protocol, args.split_seed, args.labeled_list, args.unlabeled_list)
+
+
 def read_image(path):
     """An RGB image as a uint8 tv_tensors.Image (C, H, W)."""
     try:
@@ -281,6 +288,32 @@ def weak_augment(crop_size, scale_range):
         size = [max(1, round(side * scale)) for side in image.shape[-2:]]
         image, *masks = [v2.functional.resize(x, size, antialias=True) for x in (image, *masks)]  # masks: nearest
         return crop_and_flip(image, *masks)
+    return transform
+
+
+def strong_augment():
+    """RandAugment-style photometric operations (two drawn at random) and Cutout: nothing geometric,
+    so the teacher's target and the pseudo-mask stay aligned with the student's view."""
+    operations = [
+        v2.ColorJitter(brightness=0.5), v2.ColorJitter(contrast=0.5), v2.ColorJitter(saturation=0.5),
+        v2.ColorJitter(hue=0.25), v2.RandomPosterize(bits=4, p=1), v2.RandomSolarize(threshold=128, p=1),
+        v2.RandomAutocontrast(p=1), v2.RandomEqualize(p=1), v2.RandomAdjustSharpness(sharpness_factor=2, p=1),
+        v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0)), v2.Grayscale(num_output_channels=3),
+    ]
+    return v2.Compose([v2.RandomChoice(operations), v2.RandomChoice(operations),
+                       v2.RandomErasing(p=1, scale=(0.02, 0.25), value=0)])  # Cutout
+
+
+def labeled_augment(crop_size, scale_range, strong):
+    """The labelled images' augmentation: weak, and with --strong-aug also the photometric strong one."""
+    weak = weak_augment(crop_size, scale_range)
+    if not strong:
+        return weak
+    photometric = strong_augment()
+
+    def transform(image, mask):
+        image, mask = weak(image, mask)
+        return photometric(image), mask
     return transform
 
 
@@ -581,7 +614,7 @@ def file_sha256(path):
 
 # Flags that define a run; on --resume they come from the checkpoint, and a different value is refused.
 RECIPE_FLAGS = ["labeled", "protocol", "split_seed", "labeled_list", "unlabeled_list", "backbone", "no_pretrained",
-                "crop_size", "scale_range", "iters", "epochs", "optimizer", "lr", "head_lr_mult",
+                "crop_size", "scale_range", "strong_aug", "iters", "epochs", "optimizer", "lr", "head_lr_mult",
                 "weight_decay", "warmup", "seed"]
 
 
@@ -604,6 +637,9 @@ def add_training_args(parser, default_out):
     train.add_argument("--crop-size", type=int, default=321, help="square training crop (default: %(default)s)")
     train.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 2.0], metavar=("MIN", "MAX"),
                        help="random rescaling of the image before cropping (default: 0.5 2.0)")
+    train.add_argument("--strong-aug", action="store_true",
+                       help="also give the labelled images the strong photometric augmentation (RandAugment-style "
+                            "operations and Cutout); off in the paper, on in the CPU demo, where it curbs overfitting")
     train.add_argument("--iters", type=int, help="optimiser steps (default: from --epochs)")
     train.add_argument("--epochs", type=float, default=80,
                        help="passes over the labelled images, when --iters is not given (default: %(default)s)")

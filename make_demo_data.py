@@ -59,17 +59,17 @@ def make_sample(rng, size):
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 5)):
         kind = int(rng.integers(1, len(CLASSES)))
-        radius = rng.uniform(0.12, 0.25) * size
+        radius = rng.uniform(0.15, 0.28) * size
         cy, cx = rng.uniform(radius * 0.5, size - radius * 0.5, size=2)
         inside = shape_mask(kind, yy, xx, cy, cx, radius, rng.uniform(0, 2 * np.pi))
         image[inside] = texture(rng, yy, xx)[inside]
         mask[inside] = kind
-    for _ in range(rng.integers(2, 6)):  # thin clutter lines, unlabelled
+    for _ in range(rng.integers(1, 5)):  # thin clutter lines, unlabelled
         y0, x0, y1, x1 = rng.uniform(0, size, size=4)
         t = np.linspace(0, 1, 2 * size)
         ys, xs = np.clip((y0 + t * (y1 - y0)).astype(int), 0, size - 1), np.clip((x0 + t * (x1 - x0)).astype(int), 0, size - 1)
         image[ys, xs] = rng.uniform(0, 255, size=3)
-    image = np.clip(image + rng.normal(0, 12, size=image.shape), 0, 255).astype(np.uint8)
+    image = np.clip(image + rng.normal(0, 8, size=image.shape), 0, 255).astype(np.uint8)
     # A 1-pixel ignore band where the label changes, as VOC's object borders.
     border = np.zeros_like(mask, dtype=bool)
     border[:-1] |= mask[:-1] != mask[1:]

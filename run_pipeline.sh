@@ -26,11 +26,11 @@ if [[ $# -eq 0 ]]; then
     python make_demo_data.py --out "$DATA"
     # The CPU demo (README, "The offline demo"): the tiny U-Net from scratch, AdamW, 64-pixel images.
     # Without ImageNet weights, each multi-task stage starts from the stage-1 weights instead.
-    COMMON=(--backbone tiny_unet --no-pretrained --optimizer adamw --head-lr-mult 1 --crop-size 64
+    COMMON=(--backbone tiny_unet --no-pretrained --optimizer adamw --head-lr-mult 1 --crop-size 64 --strong-aug
             --scale-range 0.75 1.25 --workers 0 --device cpu --print-every 100)
-    STAGE1=(--lr 2e-3 --warmup 20 --batch-size 16 --iters 1500)
+    STAGE1=(--lr 2e-3 --warmup 20 --batch-size 16 --iters 2000)
     MULTITASK=(--lr 1e-3 --batch-labeled 8 --batch-unlabeled 8 --iters 800 --init "$OUT/stage1/checkpoint.pt")
-    CONTROL_ITERS=3100  # 1500 + 2 x 800
+    CONTROL_ITERS=3600  # 2000 + 2 x 800
     PSEUDO=(--workers 0 --device cpu)
 elif [[ $# -ge 2 ]]; then
     DATA=$1

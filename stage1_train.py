@@ -48,13 +48,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    # The split: drawn by the protocol, or read back from the run being resumed.
     class_names = common.read_class_names(args.data_root)
-    if checkpoint is None:
-        labeled, unlabeled = common.make_split(args.data_root, args.labeled, args.protocol, args.split_seed,
-                                               args.labeled_list, args.unlabeled_list)
-    else:
-        labeled, unlabeled = checkpoint["labeled"], checkpoint["unlabeled"]
+    labeled, unlabeled = common.split_of_run(args, checkpoint)
     if args.iters is None:
         args.iters = math.ceil(args.epochs * len(labeled) / args.batch_size)
     common.write_ids(os.path.join(args.out, "labeled.txt"), labeled)
@@ -64,7 +59,7 @@ def main(argv=None):
 
     train_set = common.SegmentationDataset(
         args.data_root, labeled, len(class_names), lambda i: common.train_mask_path(args.data_root, i),
-        transform=common.weak_augment(args.crop_size, args.scale_range))
+        transform=common.labeled_augment(args.crop_size, args.scale_range, args.strong_aug))
     batches = common.infinite(common.train_loader(train_set, args.batch_size, args.workers))
     val_loader = common.full_image_loader(common.val_dataset(args.data_root, len(class_names)), 1, args.workers)
 

@@ -22,7 +22,6 @@ import random
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-from torchvision.transforms import v2
 
 import common
 
@@ -44,7 +43,8 @@ def get_args(argv=None):
     method.add_argument("--w-con", type=float, default=0.5, help="weight of (L_con + L_aux) / 2 (default: %(default)s)")
     method.add_argument("--ema-decay", type=float,
                         help="a constant teacher decay (default: 0.99, 0.995, 0.9975, 0.999 after 0, 1/3, 2/3, 5/6 of training)")
-    method.add_argument("--init", help="start from this checkpoint's weights instead of the ImageNet backbone")
+    method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) "
+                                       "instead of the ImageNet backbone; the auxiliary head starts fresh")
     parser.set_defaults(epochs=50)  # over the whole training set: about the authors' 60,000 steps of 1 + 9 on VOC
     args = parser.parse_args(argv)
     return parser, args
@@ -68,19 +68,6 @@ def make_teacher(student, decay):
     teacher = AveragedModel(student, avg_fn=average, use_buffers=True)
     teacher.update_parameters(student)  # the first update copies: the teacher starts as the student
     return teacher.eval()
-
-
-def strong_augment():
-    """RandAugment-style photometric operations (two drawn at random) and Cutout: nothing geometric,
-    so the teacher's target and the pseudo-mask stay aligned with the student's view."""
-    operations = [
-        v2.ColorJitter(brightness=0.5), v2.ColorJitter(contrast=0.5), v2.ColorJitter(saturation=0.5),
-        v2.ColorJitter(hue=0.25), v2.RandomPosterize(bits=4, p=1), v2.RandomSolarize(threshold=128, p=1),
-        v2.RandomAutocontrast(p=1), v2.RandomEqualize(p=1), v2.RandomAdjustSharpness(sharpness_factor=2, p=1),
-        v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0)), v2.Grayscale(num_output_channels=3),
-    ]
-    return v2.Compose([v2.RandomChoice(operations), v2.RandomChoice(operations),
-                       v2.RandomErasing(p=1, scale=(0.02, 0.25), value=0)])  # Cutout
 
 
 class StrongViewDataset(torch.utils.data.Dataset):
@@ -129,16 +116,19 @@ def check_pseudo(pseudo, ids):
 
 
 def load_init(student, path):
-    """Weights of another checkpoint (its student); a missing auxiliary head starts fresh, and a
-    missing separate last stage starts as a copy of the main one, as it does from ImageNet."""
-    weights = common.load_checkpoint(path)["model"]
+    """Start from another checkpoint's weights (its mean teacher's, where it has one). The
+    auxiliary head starts fresh, and a separate last stage starts as a copy of the main one, as
+    they do from ImageNet weights."""
+    checkpoint = common.load_checkpoint(path)
+    weights = checkpoint.get("teacher", checkpoint["model"])
+    weights = {k: v for k, v in weights.items() if not k.startswith(("aux_head.", "aux_last_stage."))}
     try:
         missing, unexpected = student.load_state_dict(weights, strict=False)
     except RuntimeError:
         missing, unexpected = ["(shapes differ)"], []
     if unexpected or any(not key.startswith(("aux_head.", "aux_last_stage.")) for key in missing):
         raise common.UserError(f"--init {path} does not fit this --backbone and class count")
-    if student.aux_last_stage is not None and any(key.startswith("aux_last_stage.") for key in missing):
+    if student.aux_last_stage is not None:
         student.aux_last_stage.load_state_dict(student.last_stage.state_dict())
 
 
@@ -160,11 +150,7 @@ def main(argv=None):
     random.seed(args.seed)
 
     class_names = common.read_class_names(args.data_root)
-    if checkpoint is None:
-        labeled, unlabeled = common.make_split(args.data_root, args.labeled, args.protocol, args.split_seed,
-                                               args.labeled_list, args.unlabeled_list)
-    else:
-        labeled, unlabeled = checkpoint["labeled"], checkpoint["unlabeled"]
+    labeled, unlabeled = common.split_of_run(args, checkpoint)
     everything = sorted(labeled + unlabeled)  # the unlabelled stream: the whole training set
     check_pseudo(args.pseudo, everything)
     source_file = os.path.join(args.pseudo, "source.json")
@@ -181,13 +167,14 @@ def main(argv=None):
           f"auxiliary head: {args.aux_head}")
 
     weak = common.weak_augment(args.crop_size, args.scale_range)
-    labeled_set = common.SegmentationDataset(args.data_root, labeled, len(class_names),
-                                             lambda i: common.train_mask_path(args.data_root, i), transform=weak)
+    labeled_set = common.SegmentationDataset(
+        args.data_root, labeled, len(class_names), lambda i: common.train_mask_path(args.data_root, i),
+        transform=common.labeled_augment(args.crop_size, args.scale_range, args.strong_aug))
     pseudo_set = common.SegmentationDataset(args.data_root, everything, len(class_names),
                                             lambda i: os.path.join(args.pseudo, f"{i}.png"))
     labeled_batches = common.infinite(common.train_loader(labeled_set, args.batch_labeled, args.workers))
     unlabeled_batches = common.infinite(common.train_loader(
-        StrongViewDataset(pseudo_set, weak, strong_augment()), args.batch_unlabeled, args.workers))
+        StrongViewDataset(pseudo_set, weak, common.strong_augment()), args.batch_unlabeled, args.workers))
     val_loader = common.full_image_loader(common.val_dataset(args.data_root, len(class_names)), 1, args.workers)
 
     student = common.build_model(args.backbone, len(class_names), not args.no_pretrained and not args.init,

@@ -1,0 +1,200 @@
+"""stage3_multitask.py: the loss terms of METHOD.md, the EMA teacher, both head layouts, errors;
+run_pipeline.sh: skipping finished steps."""
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import stage3_multitask
+from conftest import ROOT, TINY_TRAIN, TRAIN_IDS, assert_user_error, run_script
+
+TINY_MULTITASK = ["--backbone", "tiny_unet", "--no-pretrained", "--crop-size", "24", "--batch-labeled", "1",
+                  "--batch-unlabeled", "2", "--iters", "2", "--workers", "0", "--device", "cpu", "--print-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def pseudo_dir(tmp_path_factory, voc_template):
+    """A stage-1 checkpoint and its pseudo-masks."""
+    base = tmp_path_factory.mktemp("multitask")
+    run_script("stage1_train.py", "--data-root", voc_template, "--labeled", 4, *TINY_TRAIN, "--out", base / "stage1")
+    run_script("stage2_pseudolabel.py", "--checkpoint", base / "stage1" / "checkpoint.pt", "--out", base / "pseudo",
+               "--workers", 0)
+    return voc_template, str(base / "pseudo"), str(base / "stage1" / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("aux_head", ["separate", "shared"])
+def test_both_head_layouts_train_and_evaluate_with_the_teacher(pseudo_dir, tmp_path, aux_head):
+    voc_root, pseudo, _ = pseudo_dir
+    out = str(tmp_path / "stage")
+    result = run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo,
+                        "--aux-head", aux_head, *TINY_MULTITASK, "--out", out)
+    assert "L_sup" in result.stdout and "L_con" in result.stdout and "L_aux" in result.stdout
+    assert f"teacher's auxiliary head ({aux_head})" in result.stdout
+    checkpoint = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert checkpoint["step"] == 2 and checkpoint["args"]["aux_head"] == aux_head
+    assert any(k.startswith("aux_last_stage.") for k in checkpoint["teacher"]) == (aux_head == "separate")
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert {"miou", "per_class", "aux_miou"} <= set(metrics)
+    result = run_script("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--workers", 0)
+    assert "(teacher, step 2)" in result.stdout
+    # The same --labeled and --split-seed give the same split as stage 1.
+    assert open(os.path.join(out, "labeled.txt")).read() == open(os.path.join(os.path.dirname(pseudo), "stage1", "labeled.txt")).read()
+
+
+def test_init_from_a_stage1_checkpoint(pseudo_dir, tmp_path):
+    voc_root, pseudo, stage1 = pseudo_dir
+    out = str(tmp_path / "stage")
+    run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo, *TINY_MULTITASK,
+               "--iters", 1, "--init", stage1, "--out", out, "--lr", 1e-9)
+    student = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
+    initial = common.load_checkpoint(stage1)["model"]
+    for key, value in initial.items():  # barely moved from the initial weights (lr 1e-9)
+        if value.is_floating_point() and "running" not in key:
+            assert torch.allclose(student[key], value, atol=1e-6), key
+            if key.startswith("last_stage."):  # ĝ's own last stage starts as a copy of the main one
+                assert torch.allclose(student["aux_" + key], value, atol=1e-6)
+
+
+def test_init_from_a_multitask_checkpoint_takes_its_teacher_and_not_its_aux_head(pseudo_dir, tmp_path):
+    voc_root, pseudo, _ = pseudo_dir
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo, *TINY_MULTITASK,
+               "--aux-head", "separate", "--out", first)
+    run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo, *TINY_MULTITASK,
+               "--aux-head", "shared", "--iters", 1, "--lr", 1e-9, "--init", os.path.join(first, "checkpoint.pt"), "--out", second)
+    teacher = common.load_checkpoint(os.path.join(first, "checkpoint.pt"))["teacher"]
+    student = common.load_checkpoint(os.path.join(second, "checkpoint.pt"))["model"]
+    assert not any(k.startswith("aux_last_stage.") for k in student)
+    for key, value in teacher.items():
+        if value.is_floating_point() and "running" not in key and not key.startswith("aux"):
+            assert torch.allclose(student[key], value, atol=1e-6), key
+
+
+def test_missing_pseudo_masks_are_counted_and_named(pseudo_dir, tmp_path):
+    voc_root, pseudo, _ = pseudo_dir
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for image_id in TRAIN_IDS[3:]:
+        (partial / f"{image_id}.png").write_bytes(open(os.path.join(pseudo, f"{image_id}.png"), "rb").read())
+    result = run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", partial,
+                        *TINY_MULTITASK, "--out", tmp_path / "stage", check=False)
+    assert_user_error(result, f"lacks the pseudo-masks of 3 of {len(TRAIN_IDS)} training images", TRAIN_IDS[0])
+    assert not os.path.exists(tmp_path / "stage" / "checkpoint.pt")
+
+
+def make_batch(seed, n_l=2, n_u=3, size=16, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    x_l = torch.randn(n_l, 3, size, size, generator=g)
+    y_l = torch.randint(0, classes, (n_l, size, size), generator=g)
+    x_weak = torch.randn(n_u, 3, size, size, generator=g)
+    x_strong = torch.randn(n_u, 3, size, size, generator=g)
+    pseudo = torch.randint(0, classes, (n_u, size, size), generator=g)
+    return (x_l, y_l), (x_weak, x_strong, pseudo)
+
+
+def make_pair(aux_head="shared"):
+    torch.manual_seed(0)
+    student = common.build_model("tiny_unet", 3, pretrained=False, aux_head=aux_head).train()
+    return student, stage3_multitask.make_teacher(student, [0.99])
+
+
+def gradients(student):
+    return {name: (None if p.grad is None else p.grad.clone()) for name, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("aux_head", ["separate", "shared"])
+def test_loss_terms_are_those_of_method_md(aux_head):
+    student, teacher = make_pair(aux_head)
+    labeled, unlabeled = make_batch(0)
+    terms = stage3_multitask.losses(student, teacher, labeled, unlabeled, 1.0, 0.5, torch.device("cpu"), False)
+    (x_l, y_l), (x_weak, x_strong, pseudo) = labeled, unlabeled
+    with torch.no_grad():
+        target = teacher.module.eval()(x_weak).argmax(1)
+        main, aux = student(torch.cat([x_l, x_strong]), with_aux=True)
+    assert terms["L_sup"].item() == pytest.approx(F.cross_entropy(main[:2], y_l).item(), rel=1e-5)
+    assert terms["L_con"].item() == pytest.approx(F.cross_entropy(main[2:], target).item(), rel=1e-5)
+    assert terms["L_aux"].item() == pytest.approx(F.cross_entropy(aux[2:], pseudo).item(), rel=1e-5)
+    expected = 1.0 * terms["L_sup"] + 0.5 * (terms["L_con"] + terms["L_aux"]) / 2
+    assert terms["L"].item() == pytest.approx(expected.item())
+
+
+def test_w_con_zero_gives_the_auxiliary_head_no_gradient():
+    student, teacher = make_pair("separate")
+    labeled, unlabeled = make_batch(1)
+    stage3_multitask.losses(student, teacher, labeled, unlabeled, 1.0, 0.0, torch.device("cpu"), False)["L"].backward()
+    grads = gradients(student)
+    aux = [name for name in grads if name.startswith(("aux_head.", "aux_last_stage."))]
+    assert aux and all(grads[name] is None for name in aux)
+    assert all(grads[name] is not None for name in grads if name.startswith("head."))
+
+
+def test_w_sup_zero_the_labelled_images_and_masks_play_no_part():
+    results = []
+    for seed in [2, 3]:  # different labelled images and masks, the same unlabelled batch
+        student, teacher = make_pair()
+        labeled, _ = make_batch(seed)
+        _, unlabeled = make_batch(99)
+        terms = stage3_multitask.losses(student, teacher, labeled, unlabeled, 0.0, 0.5, torch.device("cpu"), False)
+        terms["L"].backward()
+        results.append((terms["L"].item(), gradients(student)))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+def test_ema_update_matches_its_formula():
+    student, teacher = make_pair()
+    decay = [0.9]
+    teacher = stage3_multitask.make_teacher(student, decay)
+    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # starts as a copy
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    student(torch.randn(2, 3, 16, 16))  # moves the BN running statistics too
+    teacher.update_parameters(student)
+    after = teacher.module.state_dict()
+    for key, value in student.state_dict().items():
+        if value.is_floating_point():
+            assert torch.allclose(after[key], 0.9 * before[key] + 0.1 * value, atol=1e-6), key
+        else:
+            assert torch.equal(after[key], value), key  # BN's batch counters are copied
+
+
+def test_ema_decay_schedule():
+    decays = [stage3_multitask.ema_decay(step, 600) for step in [0, 199, 200, 399, 400, 499, 500, 600]]
+    assert decays == [0.99, 0.99, 0.995, 0.995, 0.9975, 0.9975, 0.999, 0.999]
+    assert stage3_multitask.ema_decay(10, 600, constant=0.9) == 0.9
+
+
+def test_strong_augment_is_photometric():
+    image = common.tv_tensors.Image(torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8))
+    torch.manual_seed(0)
+    outputs = [common.strong_augment()(image) for _ in range(5)]
+    assert all(o.shape == image.shape and o.dtype == torch.uint8 for o in outputs)
+    assert all(not torch.equal(o, image) for o in outputs)
+
+
+def test_pipeline_runs_and_skips_finished_steps(voc_template, tmp_path):
+    out = str(tmp_path / "pipeline")
+    env = {**os.environ, "EXTRA": "--backbone tiny_unet --no-pretrained --crop-size 24 --iters 2 --workers 0 --device cpu"}
+
+    def pipeline():
+        result = subprocess.run(["bash", os.path.join(ROOT, "run_pipeline.sh"), voc_template, "4", out],
+                                capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+    first = pipeline()
+    assert "done, skipped" not in first
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["val_miou"]) == {"stage1", "stage2", "stage3"}
+    assert set(summary["pseudo_miou"]) >= {"round1", "round2"}
+    second = pipeline()
+    for step in ["stage1", "pseudo1", "stage2", "pseudo2", "stage3"]:
+        assert f"{os.path.join(out, step)}: done, skipped" in second
+    os.remove(os.path.join(out, "stage3", "metrics.json"))  # as if stopped before its end
+    third = pipeline()
+    assert "stage3_multitask.py -> " + os.path.join(out, "stage3") in third and "resuming" in third
