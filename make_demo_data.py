@@ -21,7 +21,7 @@ CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo/VOC2012", help="the folder to write (default: %(default)s)")
-    parser.add_argument("--train", type=int, default=532, help="training images (default: %(default)s)")
+    parser.add_argument("--train", type=int, default=2064, help="training images (default: %(default)s)")
     parser.add_argument("--val", type=int, default=200, help="val images (default: %(default)s)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

@@ -11,10 +11,10 @@
 # Each step is skipped when its output is complete and newer than its input, so an interrupted
 # pipeline reruns from where it stopped. Ends with a table, also written to OUT/summary.json.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts' folder; paths given by the user stay relative to theirs
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 SEED=${SEED:-0}
@@ -23,14 +23,16 @@ if [[ $# -eq 0 ]]; then
     DATA=data/demo/VOC2012
     OUT=${OUT:-runs/demo}
     LABELED=64
-    python make_demo_data.py --out "$DATA"
+    python "$HERE/make_demo_data.py" --out "$DATA"
     # The CPU demo (README, "The offline demo"): the tiny U-Net from scratch, AdamW, 64-pixel images.
-    # Without ImageNet weights, each multi-task stage starts from the stage-1 weights instead.
-    COMMON=(--backbone tiny_unet --no-pretrained --optimizer adamw --head-lr-mult 1 --crop-size 64 --strong-aug
+    COMMON=(--backbone tiny_unet --no-pretrained --optimizer adamw --head-lr-mult 1 --crop-size 64
             --scale-range 0.75 1.25 --workers 0 --device cpu --print-every 100)
-    STAGE1=(--lr 2e-3 --warmup 20 --batch-size 16 --iters 2000)
-    MULTITASK=(--lr 1e-3 --batch-labeled 8 --batch-unlabeled 8 --iters 800 --init "$OUT/stage1/checkpoint.pt")
-    CONTROL_ITERS=3600  # 2000 + 2 x 800
+    STAGE1=(--lr 2e-3 --warmup 20 --batch-size 16 --iters 1500)
+    MULTITASK=(--lr 1e-3 --batch-labeled 8 --batch-unlabeled 8 --iters 800)
+    # No ImageNet weights to restart from: each multi-task stage continues from the stage before.
+    INIT2=(--init "$OUT/stage1/checkpoint.pt")
+    INIT3=(--init "$OUT/stage2/checkpoint.pt")
+    CONTROL_ITERS=3100  # 1500 + 2 x 800
     PSEUDO=(--workers 0 --device cpu)
 elif [[ $# -ge 2 ]]; then
     DATA=$1
@@ -39,6 +41,8 @@ elif [[ $# -ge 2 ]]; then
     COMMON=()  # the scripts' defaults are the VOC recipe (README)
     STAGE1=()
     MULTITASK=()
+    INIT2=()
+    INIT3=()
     CONTROL_ITERS=""
     PSEUDO=()
 else
@@ -60,7 +64,7 @@ train() {  # train SCRIPT OUT_DIR INPUT_FILE ARGS...
     local resume=()
     [[ -f "$dir/checkpoint.pt" ]] && resume=(--resume)
     echo "== $script -> $dir"
-    python "$script" "$@" --out "$dir" "${resume[@]}"
+    python "$HERE/$script" "$@" --out "$dir" "${resume[@]}"
 }
 
 # Write pseudo-masks unless their stats.json is newer than the checkpoint that makes them.
@@ -70,21 +74,21 @@ pseudo() {  # pseudo CHECKPOINT OUT_DIR
         return
     fi
     echo "== stage2_pseudolabel.py -> $2"
-    python stage2_pseudolabel.py --checkpoint "$1" --out "$2" "${PSEUDO[@]}" --overwrite
+    python "$HERE/stage2_pseudolabel.py" --checkpoint "$1" --out "$2" "${PSEUDO[@]}" --overwrite
 }
 
 train stage1_train.py "$OUT/stage1" "" "${SPLIT[@]}" "${COMMON[@]}" "${STAGE1[@]}" "${EXTRA_FLAGS[@]}"
 pseudo "$OUT/stage1/checkpoint.pt" "$OUT/pseudo1"
 train stage3_multitask.py "$OUT/stage2" "$OUT/pseudo1/stats.json" "${SPLIT[@]}" "${COMMON[@]}" "${MULTITASK[@]}" \
-    --pseudo "$OUT/pseudo1" --aux-head separate "${EXTRA_FLAGS[@]}"
+    --pseudo "$OUT/pseudo1" --aux-head separate "${INIT2[@]}" "${EXTRA_FLAGS[@]}"
 pseudo "$OUT/stage2/checkpoint.pt" "$OUT/pseudo2"
 train stage3_multitask.py "$OUT/stage3" "$OUT/pseudo2/stats.json" "${SPLIT[@]}" "${COMMON[@]}" "${MULTITASK[@]}" \
-    --pseudo "$OUT/pseudo2" --aux-head shared "${EXTRA_FLAGS[@]}"
+    --pseudo "$OUT/pseudo2" --aux-head shared "${INIT3[@]}" "${EXTRA_FLAGS[@]}"
 pseudo "$OUT/stage3/checkpoint.pt" "$OUT/pseudo3"
 if [[ "${CONTROL:-0}" == 1 && -n "$CONTROL_ITERS" ]]; then
     train stage1_train.py "$OUT/control" "" "${SPLIT[@]}" "${COMMON[@]}" "${STAGE1[@]}" --iters "$CONTROL_ITERS" "${EXTRA_FLAGS[@]}"
 fi
-python evaluate.py --checkpoint "$OUT/stage3/checkpoint.pt" --json "$OUT/final_val.json" "${PSEUDO[@]}"
+python "$HERE/evaluate.py" --checkpoint "$OUT/stage3/checkpoint.pt" --json "$OUT/final_val.json" "${PSEUDO[@]}"
 
 python - "$OUT" <<'EOF'
 import json, os, sys
