@@ -9,8 +9,6 @@ Images of the same size are batched together, so --batch-size never changes the 
 import argparse
 import os
 
-import torch
-
 import common
 
 

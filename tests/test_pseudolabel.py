@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -130,7 +131,6 @@ def test_bad_inputs(trained, tmp_path):
     a_file.write_text("x")
     assert_user_error(pseudolabel(checkpoint, str(a_file), check=False), "is a file")
     broken = tmp_path / "VOC2012"
-    import shutil
     shutil.copytree(voc_root, broken)
     (broken / "JPEGImages" / f"{TRAIN_IDS[3]}.jpg").write_bytes(b"garbage")
     result = pseudolabel(checkpoint, str(tmp_path / "p2"), "--data-root", str(broken), check=False)

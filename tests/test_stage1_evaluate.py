@@ -132,10 +132,8 @@ def test_bad_files_are_named_in_one_line_also_from_worker_processes(voc_root, tm
     (["--crop-size", "0", "--labeled", "4"], "--crop-size must be at least 1"),
 ])
 def test_bad_flags(voc_root, tmp_path, flags, fragment):
-    flags = [voc_root if f == "ROOT" else f for f in flags]
     data_root = [] if "--data-root" in flags else ["--data-root", voc_root]
-    tiny = [f for f in TINY_TRAIN]
-    result = run_script("stage1_train.py", *data_root, *tiny, *flags, "--out", str(tmp_path / "run"), check=False)
+    result = run_script("stage1_train.py", *data_root, *TINY_TRAIN, *flags, "--out", str(tmp_path / "run"), check=False)
     assert_user_error(result, fragment)
 
 
