@@ -2,10 +2,12 @@
 
     python make_demo_data.py --out data/demo/VOC2012
 
-64x64 images of 1-4 objects of five shape classes (disk, square, triangle, ring, cross) with random
+64x64 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) with random
 colours and textures, so that only shape tells the classes apart, on a textured background with thin
-clutter lines and pixel noise; a 1-pixel 255 band marks label borders, as in VOC. Writes
-JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{train,val}.txt and classes.txt.
+clutter lines and pixel noise. Objects lie inside the image and overlap little: each new shape gets
+up to 20 tries at a place where less than a tenth of it lies on earlier ones. A 1-pixel 255 band
+marks label borders, as in VOC. Writes JPEGImages/, SegmentationClass/ (palette PNGs),
+ImageSets/Segmentation/{train,val}.txt and classes.txt.
 """
 import argparse
 import os
@@ -22,7 +24,7 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo/VOC2012", help="the folder to write (default: %(default)s)")
     parser.add_argument("--train", type=int, default=2064, help="training images (default: %(default)s)")
-    parser.add_argument("--val", type=int, default=200, help="val images (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=500, help="val images (default: %(default)s)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
@@ -57,11 +59,14 @@ def make_sample(rng, size):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)  # a duller textured background
     mask = np.zeros((size, size), dtype=np.uint8)
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(1, 4)):
         kind = int(rng.integers(1, len(CLASSES)))
-        radius = rng.uniform(0.15, 0.28) * size
-        cy, cx = rng.uniform(radius * 0.5, size - radius * 0.5, size=2)
-        inside = shape_mask(kind, yy, xx, cy, cx, radius, rng.uniform(0, 2 * np.pi))
+        for attempt in range(20):  # a few tries at a place where the shape stays mostly visible
+            radius = rng.uniform(0.15, 0.28) * size
+            cy, cx = rng.uniform(radius, size - radius, size=2)
+            inside = shape_mask(kind, yy, xx, cy, cx, radius, rng.uniform(0, 2 * np.pi))
+            if (mask[inside] > 0).mean() < 0.1:
+                break
         image[inside] = texture(rng, yy, xx)[inside]
         mask[inside] = kind
     for _ in range(rng.integers(1, 5)):  # thin clutter lines, unlabelled
