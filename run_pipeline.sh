@@ -2,7 +2,7 @@
 # The whole method of Ke et al. (IEEE TIP 2022), chained: stage 1, pseudo-masks, the multi-task
 # stage with ĝ (separate), pseudo-masks again, the multi-task stage with g̃ (shared), evaluation.
 #
-#   ./run_pipeline.sh                           the offline CPU demo on synthetic data (~10 min)
+#   ./run_pipeline.sh                           the offline CPU demo on synthetic data (~11 min)
 #   ./run_pipeline.sh DATA_ROOT LABELED [OUT]   the VOC recipe, e.g. data/VOCdevkit/VOC2012 1464
 #
 # Environment: SEED (training seed, default 0), SPLIT_SEED (default 0), OUT (output folder,
