@@ -2,14 +2,27 @@
 
     python make_demo_data.py --out data/demo/VOC2012
 
-64x64 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) with random
-colours and textures, so that only shape tells the classes apart, on a textured background with thin
-clutter lines and pixel noise. Objects lie inside the image and overlap little: each new shape gets
-up to 20 tries at a place where less than a tenth of it lies on earlier ones. A 1-pixel 255 band
-marks label borders, as in VOC. Writes JPEGImages/, SegmentationClass/ (palette PNGs),
-ImageSets/Segmentation/{train,val}.txt and classes.txt.
+64x64 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) whose
+colours and textures are random, so only shape tells the classes apart. A 1-pixel 255 band marks
+label borders, as in VOC. Two sources, as in a real annotation campaign where the images that
+were labelled are narrower than those that were not:
+
+  - "studio" images (VOC's train.txt, the pool the classic protocol draws the labelled images
+    from): each class in its plain form (circle, square, equilateral triangle, round ring, plus),
+    medium sizes, on a flat background with pixel noise;
+  - "field" images (every other training image, and all val images): each class in three
+    sub-kinds (disk: circle, ellipse, wavy blob; square: square, rectangle, rhombus; triangle:
+    equilateral, thin, right-angled; ring: round, elliptic, thick; cross: plus, thin, fat), small
+    to large, on textured backgrounds with clutter lines.
+
+No augmentation makes a studio image a field image; the unlabelled field images show what the
+labelled ones do not. Writes JPEGImages/, SegmentationClass/ (palette PNGs),
+ImageSets/Segmentation/{train,val}.txt, ImageSets/SegmentationAug/train_aug.txt, classes.txt and
+demo_data.json (what wrote it: a folder written by other settings or another version is refused).
 """
 import argparse
+import hashlib
+import json
 import os
 
 import numpy as np
@@ -23,28 +36,43 @@ CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo/VOC2012", help="the folder to write (default: %(default)s)")
-    parser.add_argument("--train", type=int, default=2064, help="training images (default: %(default)s)")
-    parser.add_argument("--val", type=int, default=500, help="val images (default: %(default)s)")
+    parser.add_argument("--studio", type=int, default=300, help="studio training images, train.txt (default: %(default)s)")
+    parser.add_argument("--field", type=int, default=2000, help="field training images (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=500, help="val images, all field (default: %(default)s)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
 
 
-def shape_mask(kind, yy, xx, cy, cx, radius, angle):
-    """Pixels of one shape of the given class, centred at (cy, cx), rotated by angle."""
+def shape_mask(kind, sub, yy, xx, cy, cx, radius, angle, rng):
+    """Pixels of one shape of class `kind` and sub-kind `sub` (0: the plain form), centred at
+    (cy, cx), rotated by angle."""
     dy, dx = yy - cy, xx - cx
     u = dx * np.cos(angle) + dy * np.sin(angle)
     v = -dx * np.sin(angle) + dy * np.cos(angle)
-    r = np.hypot(u, v)
-    if kind == 1:  # disk
-        return r <= radius
-    if kind == 2:  # square
+    stretch = rng.uniform(1.6, 2.1)
+    if kind == 1:  # disk: circle, ellipse, wavy blob
+        if sub == 1:
+            return np.hypot(u / stretch, v * 1.2) <= radius * 0.85
+        r = np.hypot(u, v)
+        return r <= radius * (1 + 0.18 * np.sin(5 * np.arctan2(v, u))) if sub == 2 else r <= radius
+    if kind == 2:  # square: square, rectangle, rhombus
+        if sub == 1:
+            return np.maximum(abs(u) / stretch, abs(v) * 1.2) <= 0.7 * radius
+        if sub == 2:
+            return abs(u) / 1.5 + abs(v) <= 0.95 * radius
         return np.maximum(abs(u), abs(v)) <= 0.8 * radius
-    if kind == 3:  # triangle: inside three half-planes 120 degrees apart
+    if kind == 3:  # triangle: equilateral, thin isosceles, right-angled
+        if sub == 2:
+            return (u >= -0.6 * radius) & (v >= -0.6 * radius) & (u + v <= 0.7 * radius)
+        v = v * (stretch if sub == 1 else 1)
         return np.all([u * np.cos(a) + v * np.sin(a) <= 0.5 * radius for a in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)], axis=0)
-    if kind == 4:  # ring
-        return (r <= radius) & (r >= 0.55 * radius)
-    return ((abs(u) <= radius / 3) & (abs(v) <= radius)) | ((abs(v) <= radius / 3) & (abs(u) <= radius))  # cross
+    if kind == 4:  # ring: round, elliptic, thick
+        r = np.hypot(u / (stretch * 0.75) if sub == 1 else u, v)
+        return (r <= radius) & (r >= (0.3 if sub == 2 else 0.55) * radius)
+    arm = {0: 1 / 3, 1: 1 / 5, 2: 1 / 2}[sub]  # cross: plus, thin, fat
+    reach = radius * (1.15 if sub == 1 else 0.85 if sub == 2 else 1)
+    return ((abs(u) <= radius * arm) & (abs(v) <= reach)) | ((abs(v) <= radius * arm) & (abs(u) <= reach))
 
 
 def texture(rng, yy, xx):
@@ -55,21 +83,25 @@ def texture(rng, yy, xx):
     return np.clip(colour + rng.uniform(10, 60) * stripes, 0, 255)
 
 
-def make_sample(rng, size):
+def make_sample(rng, size, field):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)  # a duller textured background
+    if field:  # a duller textured background
+        image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)
+    else:  # a flat one
+        image = np.broadcast_to(rng.uniform(0, 255, size=3), (size, size, 3)).copy()
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 4)):
         kind = int(rng.integers(1, len(CLASSES)))
+        sub = int(rng.integers(0, 3)) if field else 0
         for attempt in range(20):  # a few tries at a place where the shape stays mostly visible
-            radius = rng.uniform(0.15, 0.28) * size
+            radius = rng.uniform(0.12, 0.3) * size if field else rng.uniform(0.18, 0.26) * size
             cy, cx = rng.uniform(radius, size - radius, size=2)
-            inside = shape_mask(kind, yy, xx, cy, cx, radius, rng.uniform(0, 2 * np.pi))
-            if (mask[inside] > 0).mean() < 0.1:
+            inside = shape_mask(kind, sub, yy, xx, cy, cx, radius, rng.uniform(0, 2 * np.pi), rng)
+            if inside.any() and (mask[inside] > 0).mean() < 0.1:
                 break
         image[inside] = texture(rng, yy, xx)[inside]
         mask[inside] = kind
-    for _ in range(rng.integers(1, 5)):  # thin clutter lines, unlabelled
+    for _ in range(rng.integers(1, 5) if field else 0):  # thin clutter lines, unlabelled
         y0, x0, y1, x1 = rng.uniform(0, size, size=4)
         t = np.linspace(0, 1, 2 * size)
         ys, xs = np.clip((y0 + t * (y1 - y0)).astype(int), 0, size - 1), np.clip((x0 + t * (x1 - x0)).astype(int), 0, size - 1)
@@ -85,24 +117,34 @@ def make_sample(rng, size):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.train < 1 or args.val < 1 or args.size < 16:
-        raise common.UserError("--train and --val must be at least 1 and --size at least 16")
-    if os.path.exists(os.path.join(args.out, "classes.txt")):
+    if args.studio < 1 or args.field < 0 or args.val < 1 or args.size < 16:
+        raise common.UserError("--studio and --val must be at least 1, --field at least 0 and --size at least 16")
+    with open(__file__, "rb") as f:
+        made_by = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "code": hashlib.sha256(f.read()).hexdigest()}
+    record = os.path.join(args.out, "demo_data.json")
+    if os.path.exists(os.path.join(args.out, "classes.txt")):  # written last: the folder is complete
+        previous = json.load(open(record)) if os.path.exists(record) else None
+        if previous != made_by:
+            raise common.UserError(f"{args.out} was written by other settings or another version of make_demo_data.py; "
+                                   "delete it to write it again, or choose another --out")
         print(f"{args.out} exists; not rewritten")
         return
     rng = np.random.default_rng(args.seed)
-    for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"]:
-        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
-    splits = {"train": [f"train_{i:05d}" for i in range(args.train)], "val": [f"val_{i:05d}" for i in range(args.val)]}
-    for ids in splits.values():
-        for image_id in ids:
-            image, mask = make_sample(rng, args.size)
-            Image.fromarray(image).save(os.path.join(args.out, "JPEGImages", f"{image_id}.jpg"), quality=95)
-            common.save_mask_png(os.path.join(args.out, "SegmentationClass", f"{image_id}.png"), mask)
-    for name, ids in splits.items():
-        common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", f"{name}.txt"), ids)
+    for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"]:
+        common.make_dir(os.path.join(args.out, folder), "--out")
+    studio = [f"studio_{i:05d}" for i in range(args.studio)]
+    field = [f"field_{i:05d}" for i in range(args.field)]
+    val = [f"val_{i:05d}" for i in range(args.val)]
+    for image_id in studio + field + val:
+        image, mask = make_sample(rng, args.size, field=not image_id.startswith("studio"))
+        Image.fromarray(image).save(os.path.join(args.out, "JPEGImages", f"{image_id}.jpg"), quality=95)
+        common.save_mask_png(os.path.join(args.out, "SegmentationClass", f"{image_id}.png"), mask, common.voc_palette())
+    common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "train.txt"), studio)
+    common.write_ids(os.path.join(args.out, "ImageSets", "SegmentationAug", "train_aug.txt"), studio + field)
+    common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "val.txt"), val)
+    common.write_json(record, made_by)
     common.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: marks it complete
-    print(f"wrote {args.train} training and {args.val} val images to {args.out}")
+    print(f"wrote {args.studio} studio and {args.field} field training images and {args.val} field val images to {args.out}")
 
 
 if __name__ == "__main__":

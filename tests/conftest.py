@@ -1,8 +1,12 @@
 """A tiny VOC-shaped folder tree written by the tests, and a helper to run the scripts as a user does."""
+import contextlib
+import importlib
+import io
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 
 import numpy as np
 import pytest
@@ -87,13 +91,42 @@ TINY_TRAIN = ["--backbone", "tiny_unet", "--no-pretrained", "--crop-size", "24",
               "--iters", "2", "--workers", "0", "--device", "cpu", "--print-every", "1"]
 
 
-def run_script(script, *args, check=True):
-    """Run a script as a user does; returns the CompletedProcess (stdout and stderr as text)."""
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+def run_script(script, *args, check=True, subprocess_run=False):
+    """Run a script as a user does; returns a CompletedProcess (stdout and stderr as text).
+
+    In-process by default (the script's main() under common.run_main, as its __main__ does), which
+    spares each call the seconds of importing torch; subprocess_run=True starts a real process."""
+    argv = [str(a) for a in args]
+    if subprocess_run:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, script), *argv],
+                                capture_output=True, text=True, cwd=ROOT, timeout=600)
+    else:
+        module = importlib.import_module(os.path.splitext(script)[0])
+        stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), working_directory(ROOT):
+            try:
+                common.run_main(lambda: module.main(argv))
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    stderr.write(e.code + "\n")
+                code = e.code if isinstance(e.code, int) else 1
+            except Exception:
+                stderr.write(traceback.format_exc())
+                code = 1
+        result = subprocess.CompletedProcess([script, *argv], code, stdout.getvalue(), stderr.getvalue())
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def working_directory(path):
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
 
 
 def assert_user_error(result, *fragments):

@@ -1,5 +1,6 @@
 """The mIoU metric against hand-computed cases, the model for each backbone and head layout, and
 checkpoints."""
+import argparse
 import math
 
 import pytest
@@ -40,7 +41,7 @@ def test_a_class_predicted_but_absent_counts_as_zero():
 @pytest.mark.parametrize("aux_head", [None, "separate", "shared"])
 def test_model_outputs_for_each_backbone_and_head_layout(backbone, aux_head):
     torch.manual_seed(0)
-    model = common.build_model(backbone, 5, pretrained=False, aux_head=aux_head).eval()
+    model = common.build_model(backbone, 5, weights="none", aux_head=aux_head).eval()
     x = torch.randn(2, 3, 33, 47)
     with torch.no_grad():
         out = model(x)
@@ -49,36 +50,73 @@ def test_model_outputs_for_each_backbone_and_head_layout(backbone, aux_head):
             main, aux = model(x, with_aux=True)
             assert torch.allclose(main, out) and aux.shape == out.shape
             assert not torch.allclose(aux, out)  # a head of its own
-    if aux_head == "separate":
-        # ĝ: its own copy of the last stage, starting from the same weights.
-        assert model.aux_last_stage is not model.last_stage
-        for a, b in zip(model.aux_last_stage.parameters(), model.last_stage.parameters()):
-            assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
-    else:
-        assert model.aux_last_stage is None
+    assert (model.aux_last_stage is not None) == (aux_head == "separate")
     n_heads = len(model.head_parameters())
     assert n_heads and len(model.backbone_parameters()) + n_heads == len(list(model.parameters()))
 
 
+def last_stage_width(stage, x):
+    with torch.no_grad():
+        return stage(x).shape[1]
+
+
+@pytest.mark.parametrize("backbone,width", [("resnet50", 2048), ("resnet101", 2048), ("mobilenet_v3_large", 960), ("tiny_unet", 16)])
+def test_separate_head_is_a_new_half_width_last_stage_in_the_heads_group(backbone, width):
+    """ĝ as the authors built it: a new, randomly initialised last stage half as wide as the
+    main one, fed by the stage before, with its own head, trained at the heads' learning rate."""
+    torch.manual_seed(0)
+    model = common.build_model(backbone, 5, weights="none", aux_head="separate").eval()
+    lower = model.lower(torch.randn(1, 3, 40, 40))
+    assert last_stage_width(model.last_stage, lower) == width
+    assert last_stage_width(model.aux_last_stage, lower) == width // 2
+    main_weights = {p.data_ptr() for p in model.last_stage.parameters()}
+    assert not main_weights & {p.data_ptr() for p in model.aux_last_stage.parameters()}
+    if backbone.startswith("resnet"):  # three torchvision Bottlenecks of 256 planes, dilated like layer4
+        from torchvision.models.resnet import Bottleneck
+        blocks = list(model.aux_last_stage)
+        assert len(blocks) == 3 and all(isinstance(b, Bottleneck) for b in blocks)
+        assert [b.conv2.dilation for b in blocks] == [(2, 2), (4, 4), (4, 4)]
+        assert blocks[0].conv1.in_channels == 1024 and blocks[-1].conv3.out_channels == 1024
+    args = argparse.Namespace(lr=0.01, head_lr_mult=10.0, optimizer="sgd", weight_decay=0.0, warmup=0, iters=10)
+    optimizer, _ = common.make_optimizer(model, args)
+    backbone_group, heads_group = optimizer.param_groups
+    heads = {id(p) for p in heads_group["params"]}
+    assert heads_group["lr"] == pytest.approx(0.1) and backbone_group["lr"] == pytest.approx(0.01)
+    assert {id(p) for p in model.aux_last_stage.parameters()} <= heads
+    assert {id(p) for p in model.aux_head.parameters()} <= heads and {id(p) for p in model.head.parameters()} <= heads
+    assert not {id(p) for p in model.last_stage.parameters()} & heads
+
+
+def test_separate_stage_is_initialised_from_scratch_not_from_the_pretrained_stage():
+    torch.manual_seed(0)
+    first = common.build_model("resnet50", 3, weights="none", aux_head="separate")
+    torch.manual_seed(1)
+    second = common.build_model("resnet50", 3, weights="none", aux_head="separate")
+    conv = first.aux_last_stage[0].conv1.weight
+    assert not torch.equal(conv, second.aux_last_stage[0].conv1.weight)  # random, per seed
+    assert conv.std().item() == pytest.approx((2 / conv.shape[0]) ** 0.5, rel=0.1)  # Kaiming, fan-out, as torchvision's ResNet
+    assert torch.equal(first.aux_last_stage[0].bn1.weight, torch.ones(256))
+
+
 def test_resnet_backbone_runs_at_output_stride_8():
-    model = common.build_model("resnet50", 3, pretrained=False).eval()
+    model = common.build_model("resnet50", 3, weights="none").eval()
     with torch.no_grad():
         assert model.last_stage(model.lower(torch.randn(1, 3, 64, 64))).shape[-2:] == (8, 8)
 
 
 def test_no_aux_head_means_no_aux_output():
     with pytest.raises(ValueError):
-        common.build_model("tiny_unet", 3, pretrained=False)(torch.randn(1, 3, 16, 16), with_aux=True)
+        common.build_model("tiny_unet", 3, weights="none")(torch.randn(1, 3, 16, 16), with_aux=True)
 
 
 def test_tiny_unet_has_no_pretrained_weights():
     with pytest.raises(common.UserError, match="--no-pretrained"):
-        common.build_model("tiny_unet", 3, pretrained=True)
+        common.build_model("tiny_unet", 3, weights="imagenet")
 
 
 def test_checkpoints_are_written_atomically_and_loaded_safely(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    model = common.build_model("tiny_unet", 3, pretrained=False)
+    model = common.build_model("tiny_unet", 3, weights="none")
     common.save_checkpoint(path, {"model": model.state_dict(), "args": {"backbone": "tiny_unet"}, "labeled": ["a"],
                                   "unlabeled": [], "class_names": ["x", "y", "z"], "step": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
@@ -99,3 +137,29 @@ def test_a_pickled_object_is_refused_not_unpickled(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(common.UserError, match="not a checkpoint of this project"):
         common.load_checkpoint(foreign)
+
+
+def test_coco_weights_without_network_give_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(common.torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(common.torchvision.models.segmentation, "deeplabv3_resnet50", offline)
+    with pytest.raises(common.UserError, match="cannot download the COCO weights"):
+        common.build_model("resnet50", 21, weights="coco")
+
+
+def test_coco_weights_give_the_backbone_of_torchvisions_coco_deeplab(monkeypatch):
+    """--weights coco: the backbone of torchvision's COCO-trained DeepLabv3, the heads fresh."""
+    torch.manual_seed(0)
+    coco = common.torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=True)
+    captured = {}
+
+    def builder(weights=None):
+        captured["weights"] = weights
+        return coco
+    monkeypatch.setattr(common.torchvision.models.segmentation, "deeplabv3_resnet50", builder)
+    model = common.build_model("resnet50", 21, weights="coco")
+    assert captured["weights"].name == "COCO_WITH_VOC_LABELS_V1"
+    assert model.last_stage is coco.backbone["layer4"] and model.lower[-1] is coco.backbone["layer3"]
+    assert not any(p is q for p in model.head.parameters() for q in coco.classifier.parameters())

@@ -32,12 +32,16 @@ def test_writes_a_palette_png_of_class_indices_per_training_image(trained, tmp_p
     voc_root, checkpoint = trained
     out = str(tmp_path / "pseudo")
     pseudolabel(checkpoint, out, "--save-confidence")
-    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [f"{i}.png" for i in TRAIN_IDS]
+    preview = Image.open(os.path.join(out, "preview.png"))
+    unlabeled = len(common.load_checkpoint(checkpoint)["unlabeled"])
+    # A row per chosen unlabelled image, four 160-pixel columns (image, truth, pseudo-mask, confidence).
+    assert preview.size == (4 * 162 + 2, 16 + min(8, unlabeled) * 162 + 2)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted([f"{i}.png" for i in TRAIN_IDS] + ["preview.png"])
     model = common.model_from_checkpoint(common.load_checkpoint(checkpoint), checkpoint).eval()
     for index, image_id in enumerate(TRAIN_IDS):
         png = Image.open(os.path.join(out, f"{image_id}.png"))
         assert png.mode == "P" and png.size == image_size(index) and png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
-        image = common.normalize(common.read_image(common.image_path(voc_root, image_id)))[None]
+        image = common.normalize(common.read_image(common.describe_dataset(voc_root).images[image_id]))[None]
         with torch.no_grad():
             expected = model(image).argmax(1)[0].numpy()
         assert np.array_equal(np.array(png), expected)  # the argmax of the main head, full image
@@ -57,7 +61,7 @@ def test_quality_figures_match_the_written_masks(trained, tmp_path):
     for group in ["labeled", "unlabeled"]:
         confusion = common.ConfusionMatrix(21)
         for image_id in saved[group]:
-            truth = np.array(Image.open(common.train_mask_path(voc_root, image_id)))
+            truth = np.array(Image.open(common.describe_dataset(voc_root).masks[image_id]))
             confusion.update(torch.from_numpy(truth), torch.from_numpy(np.array(Image.open(os.path.join(out, f"{image_id}.png")))))
         assert stats[group]["miou"] == pytest.approx(confusion.miou())
 
@@ -73,8 +77,33 @@ def test_image_stats_by_hand():
     pixels, sum_max, sum_entropy, confident, has_truth = row[4:9]
     assert (pixels, confident, has_truth) == (2, 0, 1)
     assert sum_max == pytest.approx(1.5) and sum_entropy == pytest.approx(entropy)
-    histogram = row[9:]
+    histogram, with_truth, correct, truth_prob = row[9:].reshape(4, 10)
     assert histogram[6] == 1 and histogram[8] == 1 and histogram.sum() == 2  # [0.6, 0.7) and [0.8, 0.9)
+    assert with_truth.tolist() == [0] * 8 + [1, 0] and correct.tolist() == [0] * 8 + [1, 0]  # only pixel 0 has truth
+    assert truth_prob[8] == pytest.approx(0.85) and truth_prob.sum() == pytest.approx(0.85)
+
+
+def test_an_ignore_region_is_255_in_the_mask_and_out_of_the_figures():
+    probs = torch.tensor([[0.9, 0.2], [0.1, 0.8]]).reshape(2, 1, 2)
+    prediction, _, row = stage2_pseudolabel.image_stats(probs, torch.tensor([[0, 1]]), 2, torch.tensor([[False, True]]))
+    assert prediction.tolist() == [[0, 255]]
+    assert row[:4].tolist() == [1, 0, 0, 0]  # the region's pixel is not compared with the truth
+
+
+def test_reliability_and_calibration_error_from_the_rows(tmp_path):
+    """stats.json's reliability table and ECE, from two images' rows."""
+    os.makedirs(tmp_path / "image_stats")
+    probs = torch.tensor([[0.95, 0.95, 0.55, 0.55], [0.05, 0.05, 0.45, 0.45]]).reshape(2, 1, 4)
+    target = torch.tensor([[0, 1, 0, 0]])  # bin 0.9-1.0: 1 of 2 right; bin 0.5-0.6: 2 of 2 right
+    _, _, row = stage2_pseudolabel.image_stats(probs, target, 2)
+    for image_id in ["a", "b"]:
+        np.save(tmp_path / "image_stats" / f"{image_id}.npy", row)
+    stats = stage2_pseudolabel.summarize(str(tmp_path), [], ["a", "b"], ["x", "y"])["unlabeled"]
+    bins = {round(b["bin"][0], 1): b for b in stats["reliability"]}
+    assert bins[0.9]["accuracy"] == pytest.approx(0.5) and bins[0.9]["mean_max_prob"] == pytest.approx(0.95)
+    assert bins[0.5]["accuracy"] == pytest.approx(1.0) and bins[0.5]["share_of_pixels"] == pytest.approx(0.5)
+    assert bins[0.1]["accuracy"] is None
+    assert stats["calibration_error"] == pytest.approx(0.5 * 0.45 + 0.5 * 0.45)
 
 
 def test_same_output_whatever_the_batch_size(trained, tmp_path):

@@ -20,7 +20,7 @@ def stage1_run(voc_root, tmp_path):
 
 def test_stage1_writes_checkpoint_split_and_metrics(stage1_run):
     voc_root, out, result = stage1_run
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "labeled.txt", "metrics.json", "unlabeled.txt"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "history.jsonl", "labeled.txt", "metrics.json", "unlabeled.txt"]
     assert "step 2/2  loss" in result.stdout and "it/s  eta" in result.stdout and "mIoU" in result.stdout
     labeled = open(os.path.join(out, "labeled.txt")).read().split()
     unlabeled = open(os.path.join(out, "unlabeled.txt")).read().split()
@@ -119,7 +119,7 @@ def test_bad_files_are_named_in_one_line_also_from_worker_processes(voc_root, tm
     break_tree(voc_root, what)
     out = str(tmp_path / "run")
     result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN, "--workers", workers,
-                        "--out", out, check=False)
+                        "--out", out, check=False, subprocess_run=True)  # the real process's stderr and exit status
     assert_user_error(result, fragment, VAL_IDS[0])
 
 
