@@ -1104,7 +1104,7 @@ RECIPE_FLAGS = ["labeled", "protocol", "split_seed", "labeled_list", "unlabeled_
                 "weight_decay", "warmup", "seed"]
 
 
-def add_training_args(parser, default_out):
+def add_training_args(parser, default_out, default_length):
     """The data, split, model and optimisation flags that stages 1 and 3 share."""
     data = parser.add_argument_group("data and split")
     data.add_argument("--data-root", default="data/VOCdevkit/VOC2012",
@@ -1131,7 +1131,7 @@ def add_training_args(parser, default_out):
                        help="training crop: one number for a square, or HEIGHT WIDTH (default: 321)")
     train.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 1.5], metavar=("MIN", "MAX"),
                        help="random rescaling of the image before cropping, the authors' (default: 0.5 1.5)")
-    train.add_argument("--iters", type=int, help="optimiser steps (default: see --epochs)")
+    train.add_argument("--iters", type=int, help=f"optimiser steps (default: {default_length})")
     train.add_argument("--epochs", type=float, help="passes over the training stream, instead of --iters")
     train.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
                        help="sgd: momentum 0.9, the DeepLab recipe; adamw: for training from scratch (default: %(default)s)")

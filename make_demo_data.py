@@ -85,10 +85,7 @@ def texture(rng, yy, xx):
 
 def make_sample(rng, size, field):
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    if field:  # a duller textured background
-        image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)
-    else:  # a flat one
-        image = np.broadcast_to(rng.uniform(0, 255, size=3), (size, size, 3)).copy()
+    image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)  # a duller textured background
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 4)):
         kind = int(rng.integers(1, len(CLASSES)))
@@ -101,7 +98,7 @@ def make_sample(rng, size, field):
                 break
         image[inside] = texture(rng, yy, xx)[inside]
         mask[inside] = kind
-    for _ in range(rng.integers(1, 5) if field else 0):  # thin clutter lines, unlabelled
+    for _ in range(rng.integers(1, 5)):  # thin clutter lines, unlabelled
         y0, x0, y1, x1 = rng.uniform(0, size, size=4)
         t = np.linspace(0, 1, 2 * size)
         ys, xs = np.clip((y0 + t * (y1 - y0)).astype(int), 0, size - 1), np.clip((x0 + t * (x1 - x0)).astype(int), 0, size - 1)

@@ -6,12 +6,16 @@
 #   ./run_pipeline.sh                           the offline CPU demo on synthetic data (~10 min)
 #   ./run_pipeline.sh DATA_ROOT LABELED [OUT]   the default recipe on VOC or Cityscapes, e.g. data/VOCdevkit/VOC2012 1464
 #
-# Environment: SEED (training seed, default 0), SPLIT_SEED (default 0), OUT (output folder,
-# default runs/demo or runs/<dataset>_LABELED), EXTRA (flags added to every training command,
-# e.g. EXTRA="--amp --compile"), STAGE1_EXTRA (flags for stage 1 and its controls only, e.g.
-# --strong-aug), CONTROL=1 (also train the supervised controls of the method's total length:
-# stage 1's recipe, and the same with the strong augmentation), RESTART_FROM=STEP (clear STEP and
-# every step after it first; steps: stage1 pseudo1 stage2 pseudo2 stage3 pseudo3 control control_strong).
+# Environment:
+#   SEED, SPLIT_SEED     training seed and split seed (default 0)
+#   OUT                  output folder (default runs/demo, or runs/<dataset>_LABELED)
+#   EXTRA                flags added to every training command, e.g. EXTRA="--amp --compile"
+#   STAGE1_EXTRA         flags for stage 1 and its controls only, e.g. --strong-aug
+#   MULTITASK_EXTRA      flags for the two multi-task stages only, e.g. "--batch-unlabeled 4 --w-sup 0.5"
+#   CONTROL=1            also train the supervised controls of the method's total length: stage 1's
+#                        recipe, and the same with the strong augmentation S
+#   RESTART_FROM=STEP    clear STEP and every step after it first (stage1 pseudo1 stage2 pseudo2
+#                        stage3 pseudo3 control control_strong)
 # Each step records the recipe that made it (OUT/recipes/STEP.json: its flags, its input, the
 # code). A rerun skips a finished step of the same recipe, resumes an interrupted one, and stops
 # before a step whose recipe differs, saying which setting differs; nothing is overwritten.
@@ -19,7 +23,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)  # the scripts' folder; paths given by the user stay relative to theirs
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 SEED=${SEED:-0}
@@ -55,6 +59,7 @@ else
 fi
 read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 read -r -a STAGE1_EXTRA_FLAGS <<< "${STAGE1_EXTRA:-}"
+read -r -a MULTITASK_EXTRA_FLAGS <<< "${MULTITASK_EXTRA:-}"
 SPLIT=(--data-root "$DATA" --labeled "$LABELED" --split-seed "$SPLIT_SEED" --seed "$SEED")
 STEPS=(stage1 pseudo1 stage2 pseudo2 stage3 pseudo3 control control_strong)
 mkdir -p "$OUT/recipes"
@@ -149,10 +154,10 @@ pseudo() {  # pseudo STEP CHECKPOINT
 train stage1 "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${STAGE1[@]}" "${EXTRA_FLAGS[@]}" "${STAGE1_EXTRA_FLAGS[@]}"
 pseudo pseudo1 "$OUT/stage1/checkpoint.pt"
 train stage2 "$OUT/pseudo1/source.json" stage3_multitask.py "${SPLIT[@]}" "${COMMON[@]}" "${MULTITASK[@]}" \
-    --pseudo "$OUT/pseudo1" --aux-head separate "${INIT2[@]}" "${EXTRA_FLAGS[@]}"
+    --pseudo "$OUT/pseudo1" --aux-head separate "${INIT2[@]}" "${EXTRA_FLAGS[@]}" "${MULTITASK_EXTRA_FLAGS[@]}"
 pseudo pseudo2 "$OUT/stage2/checkpoint.pt"
 train stage3 "$OUT/pseudo2/source.json" stage3_multitask.py "${SPLIT[@]}" "${COMMON[@]}" "${MULTITASK[@]}" \
-    --pseudo "$OUT/pseudo2" --aux-head shared "${INIT3[@]}" "${EXTRA_FLAGS[@]}"
+    --pseudo "$OUT/pseudo2" --aux-head shared "${INIT3[@]}" "${EXTRA_FLAGS[@]}" "${MULTITASK_EXTRA_FLAGS[@]}"
 pseudo pseudo3 "$OUT/stage3/checkpoint.pt"
 if [[ "${CONTROL:-0}" == 1 ]]; then
     # Supervised only, for as many steps as the whole method took: stage 1's recipe, then also with S.

@@ -23,7 +23,8 @@ IMAGES_SEEN = 100_000  # the authors' stage-1 budget: 10,000 steps of 10 images
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_training_args(parser, default_out="runs/stage1")
+    common.add_training_args(parser, default_out="runs/stage1",
+                             default_length=f"{IMAGES_SEEN:,} images seen, the authors' budget: 6,250 at batch 16")
     parser.add_argument("--batch-size", type=int, default=16,
                         help="labelled images per step, over all processes (default: %(default)s)")
     parser.add_argument("--strong-aug", action="store_true",

@@ -33,9 +33,10 @@ DEFAULT_ITERS = 60_000  # the authors' length of each multi-task stage, on VOC a
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_training_args(parser, default_out="runs/stage3")
+    common.add_training_args(parser, default_out="runs/stage3", default_length=f"{DEFAULT_ITERS:,}, the authors'")
     method = parser.add_argument_group("multi-task mean teacher")
-    method.add_argument("--pseudo", required=True, help="folder of pseudo-masks <id>.png (stage2_pseudolabel.py's --out)")
+    method.add_argument("--pseudo", help="folder of pseudo-masks <id>.png (stage2_pseudolabel.py's --out); required "
+                                         "but with --resume, which takes the run's")
     method.add_argument("--aux-head", choices=["separate", "shared"], default="separate",
                         help="separate: ĝ with a new, half-width last backbone stage of its own (paper stage 2); "
                              "shared: g̃ on the shared last stage (paper stage 3) (default: %(default)s)")
@@ -211,6 +212,8 @@ def main(argv=None):
         args = common.resume_args(parser, args, checkpoint, common.RECIPE_FLAGS + STAGE3_FLAGS + ["pseudo_source"], argv,
                                   movable=("data_root", "pseudo", "init"))
     common.check_training_args(args)
+    if args.pseudo is None:
+        raise common.UserError("give --pseudo DIR, the pseudo-masks of the previous round (stage2_pseudolabel.py's --out)")
     for flag in ["batch_labeled", "batch_unlabeled"]:
         if getattr(args, flag) < 1:
             raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1")

@@ -137,3 +137,54 @@ def assert_user_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# A tiny Cityscapes tree: leftImg8bit/{train,val}/<city>/<id>_leftImg8bit.png and gtFine's masks.
+CS_TRAIN = {"aachen": [f"aachen_{i:06d}_000019" for i in range(5)], "bochum": [f"bochum_{i:06d}_000019" for i in range(4)]}
+CS_VAL = {"frankfurt": [f"frankfurt_{i:06d}_000019" for i in range(3)]}
+CS_SIZE = (32, 48)  # (height, width)
+# Raw label ids and the train ids they map to: road 7 -> 0, sidewalk 8 -> 1, building 11 -> 2, person 24 -> 11,
+# car 26 -> 13; unlabeled 0, ego vehicle 1, parking 9 (not a training class) -> 255.
+CS_RAW_TO_TRAIN = {7: 0, 8: 1, 11: 2, 24: 11, 26: 13, 0: 255, 1: 255, 9: 255}
+
+
+def cityscapes_raw_mask(index):
+    height, width = CS_SIZE
+    raw = np.full((height, width), 11, dtype=np.uint8)  # building on top
+    raw[height // 2:] = 7  # road below
+    raw[height // 2:, :8] = 8  # a sidewalk
+    raw[8:14, 10 + index % 5:20 + index % 5] = 26  # a car that moves
+    raw[4:8, 30:34] = 24
+    raw[20:24, 36:44] = 9  # parking: ignored
+    raw[0, :] = 0
+    raw[-4:, 12:36] = 1  # the ego vehicle's bonnet, at the bottom of every frame
+    return raw
+
+
+def write_cityscapes_tree(root, kinds=("labelIds",)):
+    rng = np.random.default_rng(0)
+    index = 0
+    for split, cities in [("train", CS_TRAIN), ("val", CS_VAL)]:
+        for city, ids in cities.items():
+            os.makedirs(os.path.join(root, "leftImg8bit", split, city), exist_ok=True)
+            os.makedirs(os.path.join(root, "gtFine", split, city), exist_ok=True)
+            for image_id in ids:
+                image = rng.integers(0, 256, size=(*CS_SIZE, 3), dtype=np.uint8)
+                Image.fromarray(image).save(os.path.join(root, "leftImg8bit", split, city, f"{image_id}_leftImg8bit.png"))
+                raw = cityscapes_raw_mask(index)
+                train = np.vectorize(CS_RAW_TO_TRAIN.get)(raw).astype(np.uint8)
+                for kind, mask in [("labelIds", raw), ("labelTrainIds", train)]:
+                    if kind in kinds:
+                        Image.fromarray(mask, mode="L").save(os.path.join(root, "gtFine", split, city, f"{image_id}_gtFine_{kind}.png"))
+                index += 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def cityscapes_template(tmp_path_factory):
+    return write_cityscapes_tree(str(tmp_path_factory.mktemp("cityscapes_template") / "cityscapes"))
+
+
+@pytest.fixture
+def cityscapes_root(cityscapes_template, tmp_path):
+    return shutil.copytree(cityscapes_template, str(tmp_path / "cityscapes"))

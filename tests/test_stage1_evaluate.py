@@ -160,3 +160,82 @@ def test_evaluate_bad_inputs(stage1_run, tmp_path):
     torch.save(checkpoint, tmp_path / "mismatch.pt")
     assert_user_error(run_script("evaluate.py", "--checkpoint", tmp_path / "mismatch.pt", check=False),
                       "do not fit a mobilenet_v3_large model")
+
+
+def test_history_has_every_progress_line_and_evaluation_and_resume_continues_it(voc_root, tmp_path):
+    out = str(tmp_path / "run")
+    run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN, "--iters", 4,
+               "--eval-every", 2, "--save-every", 2, "--out", out)
+    records = [json.loads(line) for line in open(os.path.join(out, "history.jsonl"))]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "val_miou" in r] == [2, 4]
+    assert all({"lr", "it_per_s", "time"} <= set(r) for r in records if "loss" in r)
+    # Stopped after the step-2 checkpoint, with steps 3 and 4 already in the history: resuming rewrites them once.
+    checkpoint = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    checkpoint["step"], checkpoint["scheduler"]["last_epoch"] = 2, 2
+    torch.save(checkpoint, os.path.join(out, "checkpoint.pt"))
+    run_script("stage1_train.py", "--resume", "--out", out, "--workers", 0, "--device", "cpu", "--print-every", 1)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "history.jsonl")) if "loss" in line]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--lr", "nan"], "--lr nan: NaN and infinity are not allowed"),
+    (["--scale-range", "0.5", "inf"], "--scale-range [0.5, inf]: NaN and infinity are not allowed"),
+    (["--weight-decay", "-1"], "cannot be negative"),
+    (["--crop-size", "8", "8", "8"], "--crop-size takes one number or two"),
+])
+def test_non_finite_and_negative_numbers_are_refused(voc_root, tmp_path, flags, fragment):
+    result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN, *flags,
+                        "--out", tmp_path / "run", check=False)
+    assert_user_error(result, fragment)
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(voc_root, tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN,
+                        "--out", tmp_path / "file" / "run", check=False)
+    assert_user_error(result, "--out", "cannot be created")
+
+
+def test_default_workers_fit_the_cores():
+    assert 1 <= common.default_workers() <= max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def test_predictions_on_a_folder_of_images(stage1_run, tmp_path):
+    _, out, _ = stage1_run
+    images = tmp_path / "photos"
+    (images / "holiday").mkdir(parents=True)
+    Image.fromarray(np.zeros((21, 34, 3), np.uint8)).save(images / "a.jpg")
+    Image.fromarray(np.full((17, 23, 3), 200, np.uint8)).save(images / "holiday" / "b.PNG")
+    (images / "notes.txt").write_text("not an image")
+    save = tmp_path / "pred"
+    result = run_script("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--images", images,
+                        "--save-dir", save, "--flip", "--scales", 0.75, 1)
+    assert "predicted 2 of 2 images" in result.stdout
+    assert Image.open(save / "a.png").size == (34, 21) and Image.open(save / "a.png").mode == "P"
+    assert Image.open(save / "holiday" / "b.png").size == (23, 17)
+    assert Image.open(save / "holiday" / "b_overlay.jpg").size == (23, 17)
+    # An unreadable image among them: named, the others still written, a non-zero exit at the end.
+    (images / "broken.jpg").write_bytes(b"garbage")
+    os.remove(save / "a.png")
+    result = run_script("evaluate.py", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--images", images,
+                        "--save-dir", save, check=False)
+    assert result.returncode != 0 and "broken.jpg" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: 1 of 3 images under {images} could not be read (named above)"
+    assert os.path.exists(save / "a.png")
+
+
+def test_predictions_bad_inputs(stage1_run, tmp_path):
+    _, out, _ = stage1_run
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_script("evaluate.py", "--checkpoint", checkpoint, "--images", tmp_path / "empty", "--save-dir",
+                                 tmp_path / "p", check=False), "holds no .jpg, .jpeg or .png image")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", checkpoint, "--images", tmp_path / "empty", check=False),
+                      "--images needs --save-dir")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    assert_user_error(run_script("evaluate.py", "--checkpoint", junk, "--images", tmp_path / "empty", "--save-dir",
+                                 tmp_path / "p", check=False), "is not a checkpoint of this project")

@@ -1,0 +1,87 @@
+"""The speed options change results only by floating-point noise, and benchmark.py runs and reports."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+import common
+import stage1_train
+import stage3_multitask
+from conftest import run_script
+
+
+def flags(**kw):
+    # SGD: its update is linear in the gradient, so rounding differences stay rounding-sized (Adam divides them by ~0).
+    return argparse.Namespace(**{"lr": 1e-2, "head_lr_mult": 1.0, "optimizer": "sgd", "weight_decay": 1e-4, "warmup": 0,
+                                 "iters": 100, "distributed": False, "compile": False, "channels_last": False, "amp": False,
+                                 "w_sup": 1.0, "w_con": 0.5, "ema_decay": None, **kw})
+
+
+def train_stage1(options, steps=3):
+    torch.manual_seed(0)
+    model = common.build_model("tiny_unet", 4, weights="none")
+    args = flags(**options)
+    optimizer, scheduler = common.make_optimizer(model, args)
+    net = common.prepare_model(model, args, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        images = common.to_device(torch.randn(2, 3, 16, 16, generator=g), torch.device("cpu"), args.channels_last)
+        masks = torch.randint(0, 4, (2, 16, 16), generator=g)
+        stage1_train.train_one_step(net, images, masks, optimizer, scheduler, False)
+    return model.state_dict()
+
+
+def train_multitask(options, steps=3):
+    torch.manual_seed(0)
+    student = common.build_model("tiny_unet", 4, weights="none", aux_head="separate")
+    args = flags(**options)
+    optimizer, scheduler = common.make_optimizer(student, args)
+    net = common.prepare_model(student, args, torch.device("cpu"))
+    decay = [0.9]
+    teacher = stage3_multitask.make_teacher(student, decay)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        def image(n):
+            return common.to_device(torch.randn(n, 3, 16, 16, generator=g), torch.device("cpu"), args.channels_last)
+        labeled = (image(1), torch.randint(0, 4, (1, 16, 16), generator=g), torch.randint(0, 4, (1, 16, 16), generator=g))
+        unlabeled = (image(2), image(2), torch.randint(0, 4, (2, 16, 16), generator=g), torch.arange(256).view(16, 16).repeat(2, 1, 1))
+        stage3_multitask.train_one_step(net, teacher, labeled, unlabeled, optimizer, scheduler, decay, args)
+    return {**student.state_dict(), **{f"teacher.{k}": v for k, v in teacher.module.state_dict().items()}}
+
+
+def assert_close(a, b):
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4, rtol=1e-4), key
+
+
+def test_channels_last_changes_nothing_but_rounding():
+    assert_close(train_stage1({}), train_stage1({"channels_last": True}))
+    assert_close(train_multitask({}), train_multitask({"channels_last": True}))
+
+
+def test_the_steps_differ_when_they_should():  # the comparison above can fail: another seed is not close
+    torch.manual_seed(5)
+    different = train_stage1({}, steps=4)
+    with pytest.raises(AssertionError):
+        assert_close(train_stage1({}), different)
+
+
+def test_compile_changes_nothing_but_rounding():
+    assert_close(train_stage1({}, steps=2), train_stage1({"compile": True}, steps=2))
+
+
+def test_benchmark_runs_on_the_cpu_and_projects_the_pipeline(tmp_path):
+    report_path = str(tmp_path / "bench.json")
+    result = run_script("benchmark.py", "--device", "cpu", "--backbone", "tiny_unet", "--shrink", 16, "--steps", 1,
+                        "--warmup", 0, "--loader-images", 6, "--workers", 0, "--json", report_path)
+    report = json.load(open(report_path))
+    cases = {(r["dataset"], r["case"]) for r in report["cases"]}
+    assert cases == {(d, c) for d in ["voc", "cityscapes"] for c in ["stage 1", "multi-task, ĝ", "multi-task, g̃", "pseudo-labels / eval"]}
+    for r in report["cases"]:
+        assert r["steps_per_s"] > 0 and r["tflop_per_step"] > 0 and r["images_per_s"] == pytest.approx(r["steps_per_s"] * r["images_per_step"])
+    assert set(report["loaders"]["voc"]) == {"stage 1", "multi-task (weak + S)", "pseudo-labels / eval"}
+    projection = report["projection"]["voc"]
+    assert projection["total_hours"] == pytest.approx(sum(projection["hours"].values())) and projection["total_hours"] > 0
+    assert "projected voc pipeline at its default lengths" in result.stdout and "TFLOP/step" in result.stdout
