@@ -160,12 +160,16 @@ train stage3 "$OUT/pseudo2/source.json" stage3_multitask.py "${SPLIT[@]}" "${COM
     --pseudo "$OUT/pseudo2" --aux-head shared "${INIT3[@]}" "${EXTRA_FLAGS[@]}" "${MULTITASK_EXTRA_FLAGS[@]}"
 pseudo pseudo3 "$OUT/stage3/checkpoint.pt"
 if [[ "${CONTROL:-0}" == 1 ]]; then
-    # Supervised only, for as many steps as the whole method took: stage 1's recipe, then also with S.
+    # Supervised only, for as many steps as the whole method took: the paper's stage-1 recipe
+    # (without S, even where the method's stage 1 had it), then the same with S.
     CONTROL_ITERS=$(python -c 'import json, sys; print(sum(json.load(open(f"{sys.argv[1]}/{s}/metrics.json"))["step"] for s in ["stage1", "stage2", "stage3"]))' "$OUT")
-    train control "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${STAGE1[@]}" "${EXTRA_FLAGS[@]}" \
-        "${STAGE1_EXTRA_FLAGS[@]}" --iters "$CONTROL_ITERS"
-    train control_strong "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${STAGE1[@]}" "${EXTRA_FLAGS[@]}" \
-        "${STAGE1_EXTRA_FLAGS[@]}" --iters "$CONTROL_ITERS" --strong-aug
+    PLAIN=()
+    for flag in "${STAGE1[@]}" "${STAGE1_EXTRA_FLAGS[@]}"; do
+        [[ "$flag" != --strong-aug ]] && PLAIN+=("$flag")
+    done
+    train control "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" --iters "$CONTROL_ITERS"
+    train control_strong "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" \
+        --iters "$CONTROL_ITERS" --strong-aug
 fi
 python "$HERE/evaluate.py" --checkpoint "$OUT/stage3/checkpoint.pt" --json "$OUT/final_val.json" "${PSEUDO[@]}"
 

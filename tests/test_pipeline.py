@@ -22,9 +22,9 @@ def pipeline(data, out, *, extra=TINY, here=ROOT, check=True, **env):
 
 @pytest.fixture(scope="module")
 def finished(voc_template, tmp_path_factory):
-    """A finished pipeline, with both controls."""
+    """A finished pipeline, with both controls; its stage 1 with the strong augmentation."""
     out = str(tmp_path_factory.mktemp("pipeline") / "run")
-    result = pipeline(voc_template, out, CONTROL="1")
+    result = pipeline(voc_template, out, CONTROL="1", STAGE1_EXTRA="--strong-aug")
     return voc_template, out, result.stdout
 
 
@@ -44,8 +44,12 @@ def test_the_chain_writes_a_summary_a_picture_and_every_step(finished):
     assert os.path.getsize(os.path.join(out, "rounds.png")) > 1000
     for step in ["stage1", "pseudo1", "stage2", "pseudo2", "stage3", "pseudo3", "control", "control_strong"]:
         assert os.path.exists(os.path.join(out, "recipes", f"{step}.json")), step
-    controls = [json.load(open(os.path.join(out, "recipes", f"{c}.json")))["flags"] for c in ["control", "control_strong"]]
-    assert controls[0]["--iters"][-1] == controls[1]["--iters"][-1] and "--strong-aug" in controls[1]
+    stage1, plain, strong = (json.load(open(os.path.join(out, "recipes", f"{c}.json")))["flags"]
+                             for c in ["stage1", "control", "control_strong"])
+    # The controls run as long as the three stages together: the paper's stage 1 recipe (without S,
+    # though the method's stage 1 had it), and the same with S.
+    assert plain["--iters"] == strong["--iters"] == ["6"] and "--strong-aug" in stage1
+    assert "--strong-aug" not in plain and "--strong-aug" in strong
 
 
 def test_a_rerun_skips_every_finished_step_and_resumes_an_interrupted_one(finished, tmp_path):
