@@ -2,23 +2,22 @@
 
     python make_demo_data.py --out data/demo/VOC2012
 
-64x64 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) whose
-colours and textures are random, so only shape tells the classes apart. A 1-pixel 255 band marks
-label borders, as in VOC. Two sources, as in a real annotation campaign where the images that
-were labelled are narrower than those that were not:
+48x48 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) whose
+colours and textures are random, so only shape tells the classes apart, on a textured background
+with thin clutter lines and pixel noise. A 1-pixel 255 band marks label borders, as in VOC.
+2,300 training images, of which the first 300 are VOC's train.txt (the pool the classic protocol
+draws the labelled images from), and 500 val images.
 
-  - "studio" images (VOC's train.txt, the pool the classic protocol draws the labelled images
-    from): each class in its plain form (circle, square, equilateral triangle, round ring, plus),
-    medium sizes, on a flat background with pixel noise;
-  - "field" images (every other training image, and all val images): each class in three
-    sub-kinds (disk: circle, ellipse, wavy blob; square: square, rectangle, rhombus; triangle:
-    equilateral, thin, right-angled; ring: round, elliptic, thick; cross: plus, thin, fat), small
-    to large, on textured backgrounds with clutter lines.
+--field-variety makes the images outside train.txt (the rest of the training images and all val
+images) more varied than those the labelled ones are drawn from, as in an annotation campaign
+that labelled a narrow source: each class in three sub-kinds (disk: circle, ellipse, wavy blob;
+square: square, rectangle, rhombus; triangle: equilateral, thin, right-angled; ring: round,
+elliptic, thick; cross: plus, thin, fat) and a wider range of sizes. README, "The offline demo",
+says what each gave.
 
-No augmentation makes a studio image a field image; the unlabelled field images show what the
-labelled ones do not. Writes JPEGImages/, SegmentationClass/ (palette PNGs),
-ImageSets/Segmentation/{train,val}.txt, ImageSets/SegmentationAug/train_aug.txt, classes.txt and
-demo_data.json (what wrote it: a folder written by other settings or another version is refused).
+Writes JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{train,val}.txt,
+ImageSets/SegmentationAug/train_aug.txt, classes.txt and demo_data.json (what wrote it: a
+folder written by other settings or another version is refused).
 """
 import argparse
 import hashlib
@@ -36,10 +35,13 @@ CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo/VOC2012", help="the folder to write (default: %(default)s)")
-    parser.add_argument("--studio", type=int, default=300, help="studio training images, train.txt (default: %(default)s)")
-    parser.add_argument("--field", type=int, default=2000, help="field training images (default: %(default)s)")
-    parser.add_argument("--val", type=int, default=500, help="val images, all field (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--train", type=int, default=2300, help="training images (default: %(default)s)")
+    parser.add_argument("--train-txt", type=int, default=300,
+                        help="how many of them are train.txt, the classic protocol's pool (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=500, help="val images (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=48, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--field-variety", action="store_true",
+                        help="sub-kinds and more sizes outside train.txt (see above)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -84,6 +86,7 @@ def texture(rng, yy, xx):
 
 
 def make_sample(rng, size, field):
+    """One image and its mask; field: with the sub-kinds and the wider range of sizes."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)  # a duller textured background
     mask = np.zeros((size, size), dtype=np.uint8)
@@ -114,8 +117,8 @@ def make_sample(rng, size, field):
 
 def main(argv=None):
     args = get_args(argv)
-    if args.studio < 1 or args.field < 0 or args.val < 1 or args.size < 16:
-        raise common.UserError("--studio and --val must be at least 1, --field at least 0 and --size at least 16")
+    if not 1 <= args.train_txt <= args.train or args.val < 1 or args.size < 16:
+        raise common.UserError("--train-txt must be from 1 to --train, --val at least 1 and --size at least 16")
     with open(__file__, "rb") as f:
         made_by = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "code": hashlib.sha256(f.read()).hexdigest()}
     record = os.path.join(args.out, "demo_data.json")
@@ -129,19 +132,19 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"]:
         common.make_dir(os.path.join(args.out, folder), "--out")
-    studio = [f"studio_{i:05d}" for i in range(args.studio)]
-    field = [f"field_{i:05d}" for i in range(args.field)]
+    train = [f"train_{i:05d}" for i in range(args.train)]
     val = [f"val_{i:05d}" for i in range(args.val)]
-    for image_id in studio + field + val:
-        image, mask = make_sample(rng, args.size, field=not image_id.startswith("studio"))
+    for index, image_id in enumerate(train + val):
+        image, mask = make_sample(rng, args.size, field=args.field_variety and index >= args.train_txt)
         Image.fromarray(image).save(os.path.join(args.out, "JPEGImages", f"{image_id}.jpg"), quality=95)
         common.save_mask_png(os.path.join(args.out, "SegmentationClass", f"{image_id}.png"), mask, common.voc_palette())
-    common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "train.txt"), studio)
-    common.write_ids(os.path.join(args.out, "ImageSets", "SegmentationAug", "train_aug.txt"), studio + field)
+    common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "train.txt"), train[:args.train_txt])
+    common.write_ids(os.path.join(args.out, "ImageSets", "SegmentationAug", "train_aug.txt"), train)
     common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "val.txt"), val)
     common.write_json(record, made_by)
     common.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: marks it complete
-    print(f"wrote {args.studio} studio and {args.field} field training images and {args.val} field val images to {args.out}")
+    print(f"wrote {args.train} training images ({args.train_txt} in train.txt) and {args.val} val images to {args.out}"
+          + (", with field variety" if args.field_variety else ""))
 
 
 if __name__ == "__main__":

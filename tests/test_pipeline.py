@@ -12,9 +12,11 @@ from conftest import ROOT
 TINY = "--backbone tiny_unet --no-pretrained --crop-size 24 --iters 2 --workers 0 --device cpu"
 
 
-def pipeline(data, out, *, extra=TINY, here=ROOT, check=True, **env):
+def pipeline(data, out, *, extra=TINY, stage1_extra="--strong-aug", here=ROOT, check=True, **env):
+    """run_pipeline.sh DATA 4 OUT; every test's stage 1 has the strong augmentation, as the finished run's."""
     result = subprocess.run(["bash", os.path.join(here, "run_pipeline.sh"), data, "4", out], capture_output=True,
-                            text=True, env={**os.environ, "EXTRA": extra, **env}, timeout=900)
+                            text=True, env={**os.environ, "EXTRA": extra, "STAGE1_EXTRA": stage1_extra, **env},
+                            timeout=900)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -24,7 +26,7 @@ def pipeline(data, out, *, extra=TINY, here=ROOT, check=True, **env):
 def finished(voc_template, tmp_path_factory):
     """A finished pipeline, with both controls; its stage 1 with the strong augmentation."""
     out = str(tmp_path_factory.mktemp("pipeline") / "run")
-    result = pipeline(voc_template, out, CONTROL="1", STAGE1_EXTRA="--strong-aug")
+    result = pipeline(voc_template, out, CONTROL="1")
     return voc_template, out, result.stdout
 
 
@@ -71,6 +73,8 @@ def test_a_changed_flag_stops_before_its_step_and_overwrites_nothing(finished, t
         "error: step stage1 was made with --iters 2, this run asks for --iters 3; "
         "use another OUT, or RESTART_FROM=stage1 to clear it and the steps after it")
     assert open(os.path.join(out, "stage1", "checkpoint.pt"), "rb").read() == before
+    result = pipeline(finished[0], out, stage1_extra="", check=False)
+    assert result.stderr.strip().startswith("error: step stage1 was made with --strong-aug, this run asks for absent;")
     # Running flags (workers, printing, device) are not part of a recipe.
     pipeline(finished[0], out, extra=TINY.replace("--workers 0", "--workers 1") + " --print-every 7")
 
