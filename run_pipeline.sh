@@ -165,9 +165,13 @@ if [[ "${CONTROL:-0}" == 1 ]]; then
     # Supervised only, for as many steps as the whole method took: the paper's stage-1 recipe
     # (without S, even where the method's stage 1 had it), then the same with S.
     CONTROL_ITERS=$(python -c 'import json, sys; print(sum(json.load(open(f"{sys.argv[1]}/{s}/metrics.json"))["step"] for s in ["stage1", "stage2", "stage3"]))' "$OUT")
-    PLAIN=()
+    PLAIN=()  # stage 1's flags without --strong-aug, and without its length (--iters or --epochs N)
+    skip=0
     for flag in "${STAGE1[@]}" "${STAGE1_EXTRA_FLAGS[@]}"; do
-        [[ "$flag" != --strong-aug ]] && PLAIN+=("$flag")
+        if (( skip )); then skip=0
+        elif [[ "$flag" == --iters || "$flag" == --epochs ]]; then skip=1
+        elif [[ "$flag" != --strong-aug ]]; then PLAIN+=("$flag")
+        fi
     done
     train control "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" --iters "$CONTROL_ITERS"
     train control_strong "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" \

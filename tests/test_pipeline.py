@@ -12,8 +12,8 @@ from conftest import ROOT
 TINY = "--backbone tiny_unet --no-pretrained --crop-size 24 --iters 2 --workers 0 --device cpu"
 
 
-def pipeline(data, out, *, extra=TINY, stage1_extra="--strong-aug", here=ROOT, check=True, **env):
-    """run_pipeline.sh DATA 4 OUT; every test's stage 1 has the strong augmentation, as the finished run's."""
+def pipeline(data, out, *, extra=TINY, stage1_extra="--strong-aug --epochs 2", here=ROOT, check=True, **env):
+    """run_pipeline.sh DATA 4 OUT; every test's stage 1 has the finished run's flags (EXTRA's --iters wins)."""
     result = subprocess.run(["bash", os.path.join(here, "run_pipeline.sh"), data, "4", out], capture_output=True,
                             text=True, env={**os.environ, "EXTRA": extra, "STAGE1_EXTRA": stage1_extra, **env},
                             timeout=900)
@@ -52,6 +52,8 @@ def test_the_chain_writes_a_summary_a_picture_and_every_step(finished):
     # though the method's stage 1 had it), and the same with S.
     assert plain["--iters"] == strong["--iters"] == ["6"] and "--strong-aug" in stage1
     assert "--strong-aug" not in plain and "--strong-aug" in strong
+    # Stage 1's own length is left out of the controls', which is the sum of the stages'.
+    assert "--epochs" in stage1 and "--epochs" not in plain and "--epochs" not in strong
 
 
 def test_a_rerun_skips_every_finished_step_and_resumes_an_interrupted_one(finished, tmp_path):
@@ -73,7 +75,7 @@ def test_a_changed_flag_stops_before_its_step_and_overwrites_nothing(finished, t
         "error: step stage1 was made with --iters 2, this run asks for --iters 3; "
         "use another OUT, or RESTART_FROM=stage1 to clear it and the steps after it")
     assert open(os.path.join(out, "stage1", "checkpoint.pt"), "rb").read() == before
-    result = pipeline(finished[0], out, stage1_extra="", check=False)
+    result = pipeline(finished[0], out, stage1_extra="--epochs 2", check=False)
     assert result.stderr.strip().startswith("error: step stage1 was made with --strong-aug, this run asks for absent;")
     # Running flags (workers, printing, device) are not part of a recipe.
     pipeline(finished[0], out, extra=TINY.replace("--workers 0", "--workers 1") + " --print-every 7")
