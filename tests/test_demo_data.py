@@ -36,10 +36,15 @@ def test_a_folder_written_by_other_settings_is_refused(tmp_path):
     assert_user_error(result, "was written by other settings or another version of make_demo_data.py")
 
 
-def test_field_variety_leaves_train_txt_plain():
-    """With --field-variety only the images outside train.txt get the sub-kinds; the first are as without."""
-    import make_demo_data
-    plain = [make_demo_data.make_sample(np.random.default_rng(3), 40, field=False) for _ in range(1)]
-    same = [make_demo_data.make_sample(np.random.default_rng(3), 40, field=False) for _ in range(1)]
-    varied = [make_demo_data.make_sample(np.random.default_rng(3), 40, field=True) for _ in range(1)]
-    assert np.array_equal(plain[0][1], same[0][1]) and not np.array_equal(plain[0][1], varied[0][1])
+def test_field_variety_leaves_train_txt_plain(tmp_path):
+    """With --field-variety only the images outside train.txt change; train.txt's are as without it."""
+    roots = {}
+    for name, extra in [("plain", []), ("varied", ["--field-variety"])]:
+        roots[name] = str(tmp_path / name / "VOC2012")
+        run_script("make_demo_data.py", "--out", roots[name], "--train", 8, "--train-txt", 3, "--val", 4, "--size", 40, *extra)
+    def mask(name, image_id):
+        return np.array(Image.open(os.path.join(roots[name], "SegmentationClass", f"{image_id}.png")))
+    for i in range(3):
+        assert np.array_equal(mask("plain", f"train_{i:05d}"), mask("varied", f"train_{i:05d}"))
+    others = [f"train_{i:05d}" for i in range(3, 8)] + [f"val_{i:05d}" for i in range(4)]
+    assert any(not np.array_equal(mask("plain", i), mask("varied", i)) for i in others)
