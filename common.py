@@ -700,7 +700,7 @@ def labeled_augment(crop_size, scale_range, strong):
 # ============================================================================= the model
 
 class TinyUNet(nn.Module):
-    """The CPU demo's backbone, learnable from scratch in minutes (../shared/DEMO-NOTES.md):
+    """The CPU demo's backbone, learnable from scratch in minutes (README, "The offline demo"):
     4 levels of 16/32/64/128 channels, nearest upsampling with skip connections.
 
     forward returns (features at 1/2 resolution, full-resolution skip): the input of the last

@@ -173,9 +173,9 @@ if [[ "${CONTROL:-0}" == 1 ]]; then
         elif [[ "$flag" != --strong-aug ]]; then PLAIN+=("$flag")
         fi
     done
-    train control "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" --iters "$CONTROL_ITERS"
-    train control_strong "" stage1_train.py "${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" \
-        --iters "$CONTROL_ITERS" --strong-aug
+    CONTROL_ARGS=("${SPLIT[@]}" "${COMMON[@]}" "${PLAIN[@]}" "${EXTRA_FLAGS[@]}" --iters "$CONTROL_ITERS")
+    train control "" stage1_train.py "${CONTROL_ARGS[@]}"
+    train control_strong "" stage1_train.py "${CONTROL_ARGS[@]}" --strong-aug
 fi
 python "$HERE/evaluate.py" --checkpoint "$OUT/stage3/checkpoint.pt" --json "$OUT/final_val.json" "${PSEUDO[@]}"
 
