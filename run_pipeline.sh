@@ -64,8 +64,6 @@ read -r -a STAGE1_EXTRA_FLAGS <<< "${STAGE1_EXTRA:-}"
 read -r -a MULTITASK_EXTRA_FLAGS <<< "${MULTITASK_EXTRA:-}"
 SPLIT=(--data-root "$DATA" --labeled "$LABELED" --split-seed "$SPLIT_SEED" --seed "$SEED")
 STEPS=(stage1 pseudo1 stage2 pseudo2 stage3 pseudo3 control control_strong)
-mkdir -p "$OUT/recipes"
-
 if [[ -n "${RESTART_FROM:-}" ]]; then
     found=0
     for step in "${STEPS[@]}"; do
@@ -77,6 +75,7 @@ if [[ -n "${RESTART_FROM:-}" ]]; then
     (( found )) || { echo "error: RESTART_FROM=$RESTART_FROM is not a step; the steps: ${STEPS[*]}" >&2; exit 2; }
     echo "== cleared $RESTART_FROM and the steps after it in $OUT"
 fi
+mkdir -p "$OUT/recipes"  # after the checks above, so a mistyped RESTART_FROM leaves no folder behind
 
 # Compare a step's recipe with the one recorded when it first made something (PRODUCT: its
 # checkpoint or its source.json). Prints "new" (recording it) or "same"; for a different recipe,

@@ -105,6 +105,9 @@ def test_restart_from_clears_that_step_and_the_ones_after(finished, tmp_path):
     assert not os.path.exists(os.path.join(out, "control"))  # after pseudo3 in the order, so cleared
     result = pipeline(finished[0], out, RESTART_FROM="stage9", check=False)
     assert result.returncode != 0 and "RESTART_FROM=stage9 is not a step" in result.stderr
+    fresh = str(tmp_path / "fresh")  # a mistyped step on a new OUT leaves nothing behind
+    result = pipeline(finished[0], fresh, RESTART_FROM="stage9", check=False)
+    assert result.returncode != 0 and not os.path.exists(fresh)
 
 
 def test_a_step_made_outside_the_pipeline_is_not_taken_over(voc_template, tmp_path):
