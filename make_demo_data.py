@@ -3,10 +3,11 @@
     python make_demo_data.py --out data/demo/VOC2012
 
 48x48 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) whose
-colours and textures are random, so only shape tells the classes apart, on a textured background
-with thin clutter lines and pixel noise. A 1-pixel 255 band marks label borders, as in VOC.
-2,300 training images, of which the first 300 are VOC's train.txt (the pool the classic protocol
-draws the labelled images from), and 500 val images.
+colours (eight, shared by every class) and striped textures are random, so only shape tells the
+classes apart, on a textured background with thin clutter lines and pixel noise. A 1-pixel 255
+band marks label borders, as in VOC. 2,300 training images, of which the first 300 are VOC's
+train.txt (the pool the classic protocol draws the labelled images from), and 500 val images.
+--any-colour draws the colours from the whole RGB cube instead (the demo's earlier task).
 
 --field-variety makes the images outside train.txt (the rest of the training images and all val
 images) more varied than those the labelled ones are drawn from, as in an annotation campaign
@@ -30,6 +31,11 @@ from PIL import Image
 import common
 
 CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
+# Eight colours for every object, background and clutter line, whatever the class: 64 labelled
+# images show each of them many times, so colour augmentation has little new to make. What they do
+# not show is every combination of shape, pose, size, overlap, background and clutter.
+PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [240, 220, 40],
+                    [230, 60, 220], [40, 220, 230], [245, 245, 245], [120, 70, 20]], dtype=np.float64)
 
 
 def get_args(argv=None):
@@ -42,6 +48,9 @@ def get_args(argv=None):
     parser.add_argument("--size", type=int, default=48, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--field-variety", action="store_true",
                         help="sub-kinds and more sizes outside train.txt (see above)")
+    parser.add_argument("--any-colour", action="store_true",
+                        help="colours drawn at random instead of from the eight of the palette (the demo's "
+                             "earlier task; README, 'Every variant tried')")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -77,18 +86,22 @@ def shape_mask(kind, sub, yy, xx, cy, cx, radius, angle, rng):
     return ((abs(u) <= radius * arm) & (abs(v) <= reach)) | ((abs(v) <= radius * arm) & (abs(u) <= reach))
 
 
-def texture(rng, yy, xx):
-    """A random colour modulated by random stripes: colour and texture say nothing about the class."""
-    colour = rng.uniform(0, 255, size=3)
+def pick_colour(rng, any_colour):
+    return rng.uniform(0, 255, size=3) if any_colour else PALETTE[rng.integers(len(PALETTE))]
+
+
+def texture(rng, yy, xx, any_colour):
+    """A colour modulated by random stripes: colour and texture say nothing about the class."""
+    colour = pick_colour(rng, any_colour)
     frequency, angle = rng.uniform(0.1, 0.8), rng.uniform(0, np.pi)
     stripes = np.sin(frequency * (xx * np.cos(angle) + yy * np.sin(angle)))[..., None]
     return np.clip(colour + rng.uniform(10, 60) * stripes, 0, 255)
 
 
-def make_sample(rng, size, field):
+def make_sample(rng, size, field, any_colour=False):
     """One image and its mask; field: with the sub-kinds and the wider range of sizes."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    image = texture(rng, yy, xx) * 0.6 + rng.uniform(0, 100)  # a duller textured background
+    image = texture(rng, yy, xx, any_colour) * 0.6 + rng.uniform(0, 100)  # a duller textured background
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(1, 4)):
         kind = int(rng.integers(1, len(CLASSES)))
@@ -99,13 +112,13 @@ def make_sample(rng, size, field):
             inside = shape_mask(kind, sub, yy, xx, cy, cx, radius, rng.uniform(0, 2 * np.pi), rng)
             if inside.any() and (mask[inside] > 0).mean() < 0.1:
                 break
-        image[inside] = texture(rng, yy, xx)[inside]
+        image[inside] = texture(rng, yy, xx, any_colour)[inside]
         mask[inside] = kind
     for _ in range(rng.integers(1, 5)):  # thin clutter lines, unlabelled
         y0, x0, y1, x1 = rng.uniform(0, size, size=4)
         t = np.linspace(0, 1, 2 * size)
         ys, xs = np.clip((y0 + t * (y1 - y0)).astype(int), 0, size - 1), np.clip((x0 + t * (x1 - x0)).astype(int), 0, size - 1)
-        image[ys, xs] = rng.uniform(0, 255, size=3)
+        image[ys, xs] = pick_colour(rng, any_colour)
     image = np.clip(image + rng.normal(0, 8, size=image.shape), 0, 255).astype(np.uint8)
     # A 1-pixel ignore band where the label changes, as VOC's object borders.
     border = np.zeros_like(mask, dtype=bool)
@@ -135,7 +148,8 @@ def main(argv=None):
     train = [f"train_{i:05d}" for i in range(args.train)]
     val = [f"val_{i:05d}" for i in range(args.val)]
     for index, image_id in enumerate(train + val):
-        image, mask = make_sample(rng, args.size, field=args.field_variety and index >= args.train_txt)
+        image, mask = make_sample(rng, args.size, field=args.field_variety and index >= args.train_txt,
+                                  any_colour=args.any_colour)
         Image.fromarray(image).save(os.path.join(args.out, "JPEGImages", f"{image_id}.jpg"), quality=95)
         common.save_mask_png(os.path.join(args.out, "SegmentationClass", f"{image_id}.png"), mask, common.voc_palette())
     common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "train.txt"), train[:args.train_txt])

@@ -48,3 +48,14 @@ def test_field_variety_leaves_train_txt_plain(tmp_path):
         assert np.array_equal(mask("plain", f"train_{i:05d}"), mask("varied", f"train_{i:05d}"))
     others = [f"train_{i:05d}" for i in range(3, 8)] + [f"val_{i:05d}" for i in range(4)]
     assert any(not np.array_equal(mask("plain", i), mask("varied", i)) for i in others)
+
+
+def test_colours_come_from_the_palette_unless_any_colour():
+    """The demo's colours are the palette's eight (so the labelled images show every one of them);
+    --any-colour draws from the whole RGB cube, as the earlier task did."""
+    import make_demo_data
+    rng = np.random.default_rng(0)
+    palette = {tuple(c) for c in make_demo_data.PALETTE}
+    drawn = {tuple(make_demo_data.pick_colour(rng, any_colour=False)) for _ in range(200)}
+    assert drawn == palette
+    assert not any(tuple(make_demo_data.pick_colour(rng, any_colour=True)) in palette for _ in range(200))
