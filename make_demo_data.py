@@ -32,8 +32,8 @@ import common
 
 CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
 # Eight colours for every object, background and clutter line, whatever the class: 64 labelled
-# images show each of them many times, so colour augmentation has little new to make. What they do
-# not show is every combination of shape, pose, size, overlap, background and clutter.
+# images already show each of them, so what they lack is the rest of the variety (README, "Why
+# this task").
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [240, 220, 40],
                     [230, 60, 220], [40, 220, 230], [245, 245, 245], [120, 70, 20]], dtype=np.float64)
 
@@ -50,7 +50,7 @@ def get_args(argv=None):
                         help="sub-kinds and more sizes outside train.txt (see above)")
     parser.add_argument("--any-colour", action="store_true",
                         help="colours drawn at random instead of from the eight of the palette (the demo's "
-                             "earlier task; README, 'Every variant tried')")
+                             "earlier task; README, 'The earlier task')")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
 

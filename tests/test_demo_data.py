@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 
 import common
+import make_demo_data
 from conftest import assert_user_error, run_script
 
 
@@ -53,7 +54,6 @@ def test_field_variety_leaves_train_txt_plain(tmp_path):
 def test_colours_come_from_the_palette_unless_any_colour():
     """The demo's colours are the palette's eight (so the labelled images show every one of them);
     --any-colour draws from the whole RGB cube, as the earlier task did."""
-    import make_demo_data
     rng = np.random.default_rng(0)
     palette = {tuple(c) for c in make_demo_data.PALETTE}
     drawn = {tuple(make_demo_data.pick_colour(rng, any_colour=False)) for _ in range(200)}
