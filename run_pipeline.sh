@@ -3,7 +3,7 @@
 # stage with ĝ (separate), pseudo-masks again, the multi-task stage with g̃ (shared), the last
 # pseudo-masks, evaluation, a table (OUT/summary.json) and a picture of every round (OUT/rounds.png).
 #
-#   ./run_pipeline.sh                           the offline CPU demo on synthetic data (~9 min on 2 cores)
+#   ./run_pipeline.sh                           the offline CPU demo on synthetic data (~10 min on 2 cores)
 #   ./run_pipeline.sh DATA_ROOT LABELED [OUT]   the default recipe on VOC or Cityscapes, e.g. data/VOCdevkit/VOC2012 1464
 #
 # Environment:
