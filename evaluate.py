@@ -1,37 +1,45 @@
-"""mIoU and per-class IoU of a checkpoint on the val set, or its predictions on your own images.
+"""Val mIoU and per-class IoU of a checkpoint, or its predictions on your own images.
 
-    python evaluate.py --checkpoint runs/stage1/checkpoint.pt
-    python evaluate.py --checkpoint runs/stage3/checkpoint.pt --flip --scales 0.75 1 1.25 --json val.json
-    python evaluate.py --checkpoint runs/cs/stage3/checkpoint.pt --window 512 1024 --stride 341 683
-    python evaluate.py --checkpoint runs/stage3/checkpoint.pt --images my_photos/ --save-dir predictions/
+    python evaluate.py --checkpoint runs/stage3
+    python evaluate.py --checkpoint runs/stage3 --compare runs/stage1 runs/control --json runs/summary.json
+    python evaluate.py --checkpoint runs/stage3 --flip --scales 0.75 1 1.25 --save-dir predictions/
+    python evaluate.py --checkpoint runs/cs100/stage3 --window 512 1024 --stride 341 683
+    python evaluate.py --checkpoint runs/stage3 --images my_photos/ --save-dir predictions/
 
-A multi-task checkpoint (stage3_multitask.py) is evaluated with its mean teacher's main head.
-Images are predicted whole, at the scale the model was trained at (its --image-scale; --scales
-multiply it), and compared with the true masks at their full resolution. Same-size images are
-batched together, so --batch-size never changes the result. --window and --stride predict tile
-by tile instead, as the field evaluates full-resolution Cityscapes models.
+--checkpoint and --compare take a checkpoint.pt of stage 1 or 3, or its run folder; a multi-task
+checkpoint is evaluated with its mean teacher's main head. Images are predicted whole, at the
+scale the model was trained at (its --image-scale; --scales multiply it), and compared with the
+true masks at their full resolution; intersections and unions are summed over the whole val set.
+Same-size images are batched together, so --batch-size never changes the result. --window and
+--stride predict tile by tile instead, as the field evaluates full-resolution Cityscapes models.
+--compare evaluates other checkpoints the same way and says how far --checkpoint is above each.
 
-With --images DIR (any .jpg/.jpeg/.png under it, nested or not; no masks needed) it writes, for
-each image, <name>.png (the palette PNG of predicted classes at the image's own size) and
-<name>_overlay.jpg into --save-dir, keeping the folder structure.
+With --images (a folder, searched at any depth for .jpg .jpeg .png .bmp .tif .tiff, or one image
+file; no masks needed) it writes, for each image, <name>.png (the palette PNG of predicted
+classes at the image's own size) and <name>_overlay.jpg into --save-dir, keeping the folder
+structure. Images whose names differ only in their extension keep it (a.jpg.png, a.png.png). An
+image that cannot be read or predicted is named and skipped, and the exit status is then non-zero.
 """
 import argparse
+import collections
+import json
 import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import common
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of stage 1 or stage 3")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of stage 1 or stage 3, or its run folder")
+    parser.add_argument("--compare", nargs="+", default=[], metavar="CHECKPOINT",
+                        help="also evaluate these checkpoints the same way, and say how far --checkpoint is above each")
     parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on)")
-    parser.add_argument("--images", help="predict these images (a folder, searched recursively) instead of evaluating on val")
+    parser.add_argument("--images", help="predict this image, or the images in this folder, instead of evaluating on val")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on the CPU)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
@@ -44,8 +52,8 @@ def get_args(argv=None):
                         help="predict in tiles of this size (sliding window), averaging where they overlap")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="the step between tiles (default: two thirds of --window)")
-    parser.add_argument("--save-dir", help="write one palette PNG of predicted classes per image, <id>.png")
-    parser.add_argument("--json", help="write {\"miou\": .., \"per_class\": {..}} (percent) to this file")
+    parser.add_argument("--save-dir", help="write the predictions here, a palette PNG per image (a new folder, or evaluate.py's)")
+    parser.add_argument("--json", help="write the mIoU and per-class IoU (percent), and --compare's, to this file")
     return parser.parse_args(argv)
 
 
@@ -53,96 +61,182 @@ def check_args(args):
     common.check_finite_floats(args)
     if args.batch_size < 1 or args.workers < 0 or min(args.scales) <= 0:
         raise common.UserError("--batch-size must be at least 1, --workers at least 0 and --scales positive")
-    if args.window and min(args.window) < 1 or args.stride and min(args.stride) < 1:
-        raise common.UserError("--window and --stride must be at least 1 pixel")
+    if args.window and min(args.window) < common.MIN_SIDE or args.stride and min(args.stride) < 1:
+        raise common.UserError(f"--window must be at least {common.MIN_SIDE} pixels a side and --stride at least 1")
     if args.stride and not args.window:
         raise common.UserError("--stride needs --window")
-    if args.window and not args.stride:
-        args.stride = [max(1, 2 * side // 3) for side in args.window]
-    if args.images and not args.save_dir:
-        raise common.UserError("--images needs --save-dir, the folder its predictions are written to")
-    if args.json and os.path.isdir(args.json):
-        raise common.UserError(f"--json {args.json} is a folder, not a file")
-    if args.save_dir:
-        common.make_dir(args.save_dir, "--save-dir")
+    args.stride = args.stride or (args.window and [max(1, 2 * side // 3) for side in args.window])
+    if args.images and (not args.save_dir or args.json or args.compare):
+        raise common.UserError("--images needs --save-dir, the folder its predictions are written to (and no --json or --compare)")
+    if args.images and not os.path.exists(args.images):
+        raise common.UserError(f"--images {args.images} not found")
 
 
-def predict(model, images, args, image_scale):
-    return common.predict_probs(model, images, [s * image_scale for s in args.scales], args.flip, args.amp,
-                                window=args.window, stride=args.stride)
+def window_starts(size, window, stride):
+    """Tile positions along one side: every `stride`, the last one flush with the end."""
+    return sorted(set(range(0, size - window, stride)) | {size - window}) if size > window else [0]
 
 
-def evaluate_val(model, description, args, device, image_scale, class_names):
-    """The val set's confusion matrix (every process its share), with the predictions saved if asked."""
-    dataset = common.val_dataset(description)
-    confusion = common.ConfusionMatrix(len(class_names))
-    for images, masks, indices in common.full_image_loader(dataset, args.batch_size, args.workers):
-        predictions = predict(model, common.to_device(images, device), args, image_scale).argmax(1)
+def window_probs(model, images, args, scale):
+    """Class probabilities from tiles of --window every --stride, the logits averaged where tiles overlap."""
+    size = images.shape[-2:]
+    if scale != 1:
+        images = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    height, width = images.shape[-2:]
+    tile_h, tile_w = min(args.window[0], height), min(args.window[1], width)
+    total, count = 0, torch.zeros(1, 1, height, width, device=images.device)
+    for top in window_starts(height, tile_h, args.stride[0]):
+        for left in window_starts(width, tile_w, args.stride[1]):
+            tile = common.logits(model, images[..., top:top + tile_h, left:left + tile_w], args.amp)
+            total = total + F.pad(tile, (left, width - left - tile_w, top, height - top - tile_h))
+            count[..., top:top + tile_h, left:left + tile_w] += 1
+    return F.interpolate(total / count, size=size, mode="bilinear", align_corners=False).softmax(1)
+
+
+@torch.no_grad()
+def predict(model, images, args, scale):
+    """Class probabilities averaged over --scales (of the training scale) and, with --flip, the mirrored images."""
+    probs = 0
+    for s in args.scales:
+        for flip in [False, True] if args.flip else [False]:
+            x = images.flip(-1) if flip else images
+            p = window_probs(model, x, args, scale * s) if args.window else common.predict(model, x, scale * s, args.amp)
+            probs = probs + (p.flip(-1) if flip else p)
+    return probs / (len(args.scales) * (2 if args.flip else 1))
+
+
+def evaluate_val(model, description, args, device, scale, save=False):
+    """The val set's confusion matrix (every process its share), the predictions saved if asked."""
+    dataset = common.SegmentationDataset(description, description.val_ids)
+    loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, scale * min(args.scales))
+    confusion = common.ConfusionMatrix(len(description.class_names))
+    for images, masks, indices in loader:
+        predictions = predict(model, common.images_to_device(images, device), args, scale).argmax(1)
         confusion.update(masks.to(device), predictions)
-        if args.save_dir:
-            for index, prediction in zip(indices.tolist(), predictions.cpu().numpy()):
-                common.save_mask_png(os.path.join(args.save_dir, f"{dataset.ids[index]}.png"), prediction, description.palette)
+        for index, prediction in zip(indices.tolist(), predictions.cpu().numpy() if save else []):
+            path = os.path.join(args.save_dir, f"{dataset.ids[index]}.png")
+            os.makedirs(os.path.dirname(path), exist_ok=True)  # your own data's ids may have folders in them
+            common.save_mask_png(path, prediction, description.palette)
     confusion.matrix = common.sum_over_processes(confusion.matrix)
-    return confusion, len(dataset)
+    return confusion
 
 
-def predict_folder(model, args, device, image_scale, palette):
-    """Predictions for every image under --images, one at a time (they may all differ in size).
-    An unreadable image is named and skipped; the count of those is returned."""
-    files = sorted(os.path.join(folder, name) for folder, _, names in os.walk(args.images)
-                   for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+def predict_images(model, args, device, scale, palette):
+    """Predictions for --images, one image at a time (they may all differ in size). An image that
+    cannot be read or predicted is named and skipped; returns (images, skipped)."""
+    root = args.images if os.path.isdir(args.images) else os.path.dirname(args.images)
+    files = common.list_images(args.images) if os.path.isdir(args.images) else [args.images]
     if not files:
-        raise common.UserError(f"--images {args.images} holds no .jpg, .jpeg or .png image")
-    rank, world = common.rank_and_world()
-    failed = 0
-    for path in files[rank::world]:
+        raise common.UserError(f"--images {args.images} holds no image ({', '.join(common.IMAGE_EXTENSIONS)})")
+    stems = [os.path.splitext(os.path.relpath(path, root))[0] for path in files]
+    twins = {stem for stem, count in collections.Counter(stems).items() if count > 1}
+    names = [os.path.relpath(path, root) if stem in twins else stem for path, stem in zip(files, stems)]
+    skipped = 0
+    for path, name in list(zip(files, names))[args.rank::args.world_size]:
         try:
             image = common.read_image(path)
+            if min(image.shape[-2:]) * scale * min(args.scales) < common.MIN_SIDE:
+                raise common.UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model "
+                                       f"(at least {common.MIN_SIDE} pixels a side at scale {scale * min(args.scales):g})")
+            prediction = predict(model, common.images_to_device(image[None], device), args, scale).argmax(1)[0].cpu()
         except common.UserError as e:
-            sys.stderr.write(f"skipped: {e}\n")
-            failed += 1
+            print(f"skipped: {e}", file=sys.stderr, flush=True)
+            skipped += 1
             continue
-        prediction = predict(model, common.to_device(common.normalize(image)[None], device), args, image_scale).argmax(1)[0].cpu()
-        name = os.path.splitext(os.path.relpath(path, args.images))[0]
+        except torch.cuda.OutOfMemoryError:
+            print(f"skipped: {path} is too large for the GPU's memory; predict it with --window", file=sys.stderr, flush=True)
+            skipped += 1
+            continue
         os.makedirs(os.path.dirname(os.path.join(args.save_dir, name)), exist_ok=True)
         common.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
         picture = common.overlay(image.as_subclass(torch.Tensor), prediction, palette).permute(1, 2, 0).numpy()
         common.atomic_write(os.path.join(args.save_dir, f"{name}_overlay.jpg"),
                             lambda tmp: Image.fromarray(picture).save(tmp, format="JPEG", quality=90))
-    failed = int(common.sum_over_processes(torch.tensor(failed)))
-    return len(files), failed
+    return len(files), int(common.sum_over_processes(torch.tensor(skipped)))
+
+
+def claim_save_dir(args, checkpoint_path, source):
+    """--save-dir: a new or empty folder, or one this script wrote with the same checkpoint, images
+    and options (its predictions are then written again); never inside the folder it reads."""
+    recipe = {"checkpoint": "sha256:" + common.file_sha256(checkpoint_path)[:16], "images": os.path.realpath(source),
+              "flip": args.flip, "scales": args.scales, "window": args.window, "stride": args.stride}
+    record = common.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=[source])
+    if record is not None:
+        common.check_same_recipe(record["recipe"], recipe, args.save_dir, "use another --save-dir")
+    if common.is_main_process():
+        common.write_record(args.save_dir, "--save-dir", {"script": "evaluate.py", "recipe": recipe,
+                                                          "checkpoint": os.path.abspath(checkpoint_path)})
+
+
+def check_json(path, reads):
+    """--json: a new file, or one evaluate.py wrote; never inside the data; writable, checked now
+    rather than after the whole val pass."""
+    if any(common.is_inside(path, folder) for folder in reads):
+        raise common.UserError(f"--json {path} is inside the data it evaluates; choose a file outside it")
+    if os.path.isdir(path):
+        raise common.UserError(f"--json {path} is a folder, not a file")
+    if os.path.exists(path):
+        try:
+            ours = json.loads(open(path).read()).get("written_by") == "evaluate.py"
+        except (ValueError, AttributeError, OSError):
+            ours = False
+        if not ours:
+            raise common.UserError(f"--json {path} exists and was not written by evaluate.py; choose another file")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(f"{path}.tmp{os.getpid()}", "w"):
+            pass
+        os.remove(f"{path}.tmp{os.getpid()}")
+    except OSError as e:
+        raise common.UserError(f"--json {path} cannot be written ({e.strerror}); choose another file") from None
 
 
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
-    checkpoint = common.load_checkpoint(args.checkpoint)
-    args.channels_last, args.compile = False, False
-    device = common.finish_running_args(args)
-    class_names = checkpoint["class_names"]
-    image_scale = checkpoint["args"].get("image_scale", 1.0)
-    model = common.model_from_checkpoint(checkpoint, args.checkpoint).to(device).eval()
-    which = "teacher" if "teacher" in checkpoint else "model"
+    device = common.init_distributed_mode(args)
+    checkpoint, path = common.load_checkpoint(args.checkpoint)
+    model = common.model_from_checkpoint(checkpoint, path).to(device).eval()
+    scale = checkpoint["args"].get("image_scale", 1.0)
+    which = f"{path} ({'teacher' if 'teacher' in checkpoint else 'model'}, step {checkpoint['step']})"
 
     if args.images:
-        palette = common.palette_of(checkpoint.get("dataset", "voc"))
-        total, failed = predict_folder(model, args, device, image_scale, palette)
-        print(f"predicted {total - failed} of {total} images under {args.images} with the {which} of {args.checkpoint}; "
-              f"written to {args.save_dir}")
-        if failed:
-            raise common.UserError(f"{failed} of {total} images under {args.images} could not be read (named above)")
+        claim_save_dir(args, path, args.images)
+        total, skipped = predict_images(model, args, device, scale, checkpoint.get("palette", common.colour_palette()))
+        print(f"predicted {total - skipped} of {total} images of {args.images} with {which}; written to {args.save_dir}")
+        if skipped:
+            raise common.UserError(f"{skipped} of {total} images of {args.images} could not be predicted (named above)")
         return
 
     description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
-    if len(description.class_names) != len(class_names):
-        raise common.UserError(f"{args.checkpoint} predicts {len(class_names)} classes but {description.root} has "
-                               f"{len(description.class_names)}; is it the right --data-root?")
-    confusion, count = evaluate_val(model, description, args, device, image_scale, class_names)
-    print(f"{args.checkpoint} ({which}, step {checkpoint['step']}) on {count} val images of {description.root}:")
-    print(confusion.table(class_names))
+    others = [common.load_checkpoint(other, "--compare") for other in args.compare]
+    for other, other_path in [(checkpoint, path)] + others:
+        if len(other["class_names"]) != len(description.class_names):
+            raise common.UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} has "
+                                   f"{len(description.class_names)}; is it the right --data-root?")
+    if args.json:
+        check_json(args.json, [description.root])
+    if args.save_dir:
+        claim_save_dir(args, path, description.root)
+    confusion = evaluate_val(model, description, args, device, scale, save=bool(args.save_dir))
+    print(f"{which} on {len(description.val_ids)} val images of {description.root}:\n{confusion.table(description.class_names)}")
+    result = {"written_by": "evaluate.py", "checkpoint": os.path.abspath(path), "step": checkpoint["step"],
+              **confusion.report(description.class_names), "compare": {}}
+    for other, other_path in others:
+        miou = evaluate_val(common.model_from_checkpoint(other, other_path).to(device).eval(), description, args, device,
+                            other["args"].get("image_scale", 1.0)).miou()
+        name = os.path.basename(os.path.dirname(os.path.abspath(other_path)))
+        result["compare"][name if name not in result["compare"] else other_path] = {
+            "checkpoint": os.path.abspath(other_path), "miou": miou, "gain": confusion.miou() - miou}
+    if others:
+        width = max(len(p) for p in [path] + [p for _, p in others])
+        print(f"\n{'':{width}}{'val mIoU':>10}  {path} is above it by")
+        print(f"{path:<{width}}{confusion.miou():10.2f}")
+        for (_, other_path), r in zip(others, result["compare"].values()):
+            print(f"{other_path:<{width}}{r['miou']:10.2f}{r['gain']:+10.2f}")
     if args.json and common.is_main_process():
-        common.write_json(args.json, confusion.report(class_names))
+        common.write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,28 @@
-"""Writes the offline demo's synthetic dataset in the VOC layout (no download needed).
+"""Writes the offline demo's synthetic dataset (no download needed), in the VOC layout or in the
+layout of your own data.
 
     python make_demo_data.py --out data/demo/VOC2012
+    python make_demo_data.py --layout folder --out data/demo_folder
 
 48x48 images of 1-3 objects of five shape classes (disk, square, triangle, ring, cross) whose
 colours (eight, shared by every class) and striped textures are random, so only shape tells the
 classes apart, on a textured background with thin clutter lines and pixel noise. A 1-pixel 255
-band marks label borders, as in VOC. 2,300 training images, of which the first 300 are VOC's
-train.txt (the pool the classic protocol draws the labelled images from), and 500 val images.
---any-colour draws the colours from the whole RGB cube instead (the demo's earlier task).
+band marks label borders, as in VOC. 2,300 training images, of which the first 300 are the pool
+the labelled images are drawn from (VOC's train.txt), and 500 val images. --any-colour draws the
+colours from the whole RGB cube instead (the demo's earlier task).
 
---field-variety makes the images outside train.txt (the rest of the training images and all val
+--field-variety makes the images outside the pool (the rest of the training images and all val
 images) more varied than those the labelled ones are drawn from, as in an annotation campaign
 that labelled a narrow source: each class in three sub-kinds (disk: circle, ellipse, wavy blob;
 square: square, rectangle, rhombus; triangle: equilateral, thin, right-angled; ring: round,
-elliptic, thick; cross: plus, thin, fat) and a wider range of sizes. README, "The offline demo",
-says what each gave.
+elliptic, thick; cross: plus, thin, fat) and a wider range of sizes (docs/demo.md says what it gave).
 
-Writes JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{train,val}.txt,
-ImageSets/SegmentationAug/train_aug.txt, classes.txt and demo_data.json (what wrote it: a
-folder written by other settings or another version is refused).
+--layout voc writes JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/{train,
+val}.txt, ImageSets/SegmentationAug/train_aug.txt and classes.txt; --layout folder writes images/,
+masks/ for the pool's and the val images only (the others are unlabelled), val.txt and
+classes.txt. A folder written by other settings or another version is refused.
 """
 import argparse
-import hashlib
-import json
 import os
 
 import numpy as np
@@ -32,8 +32,7 @@ import common
 
 CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
 # Eight colours for every object, background and clutter line, whatever the class: 64 labelled
-# images already show each of them, so what they lack is the rest of the variety (README, "Why
-# this task").
+# images already show each of them, so what they lack is the rest of the variety (docs/demo.md).
 PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [240, 220, 40],
                     [230, 60, 220], [40, 220, 230], [245, 245, 245], [120, 70, 20]], dtype=np.float64)
 
@@ -41,16 +40,18 @@ PALETTE = np.array([[230, 40, 40], [40, 200, 60], [50, 80, 230], [240, 220, 40],
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo/VOC2012", help="the folder to write (default: %(default)s)")
+    parser.add_argument("--layout", choices=["voc", "folder"], default="voc",
+                        help="VOC2012's folders, or your own data's (images/, masks/, classes.txt) (default: %(default)s)")
     parser.add_argument("--train", type=int, default=2300, help="training images (default: %(default)s)")
     parser.add_argument("--train-txt", type=int, default=300,
-                        help="how many of them are train.txt, the classic protocol's pool (default: %(default)s)")
+                        help="how many of them are the pool the labelled images are drawn from (default: %(default)s)")
     parser.add_argument("--val", type=int, default=500, help="val images (default: %(default)s)")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--field-variety", action="store_true",
-                        help="sub-kinds and more sizes outside train.txt (see above)")
+                        help="sub-kinds and more sizes outside the pool (see above)")
     parser.add_argument("--any-colour", action="store_true",
                         help="colours drawn at random instead of from the eight of the palette (the demo's "
-                             "earlier task; README, 'The earlier task')")
+                             "earlier task; docs/demo.md)")
     parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     return parser.parse_args(argv)
 
@@ -132,33 +133,33 @@ def main(argv=None):
     args = get_args(argv)
     if not 1 <= args.train_txt <= args.train or args.val < 1 or args.size < 16:
         raise common.UserError("--train-txt must be from 1 to --train, --val at least 1 and --size at least 16")
-    with open(__file__, "rb") as f:
-        made_by = {"args": {k: v for k, v in vars(args).items() if k != "out"}, "code": hashlib.sha256(f.read()).hexdigest()}
-    record = os.path.join(args.out, "demo_data.json")
-    if os.path.exists(os.path.join(args.out, "classes.txt")):  # written last: the folder is complete
-        previous = json.load(open(record)) if os.path.exists(record) else None
-        if previous != made_by:
-            raise common.UserError(f"{args.out} was written by other settings or another version of make_demo_data.py; "
-                                   "delete it to write it again, or choose another --out")
+    recipe = {**{k: v for k, v in vars(args).items() if k != "out"}, "code": common.file_sha256(__file__)[:16]}
+    record = common.open_output(args.out, "--out", "make_demo_data.py")
+    if record is not None and os.path.exists(os.path.join(args.out, "classes.txt")):  # classes.txt comes last
+        common.check_same_recipe(record["recipe"], recipe, args.out, "delete it to write it again, or choose another --out")
         print(f"{args.out} exists; not rewritten")
         return
+    common.write_record(args.out, "--out", {"script": "make_demo_data.py", "recipe": recipe})
+    voc = args.layout == "voc"
+    for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"] if voc else ["images", "masks"]:
+        os.makedirs(os.path.join(args.out, folder), exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"]:
-        common.make_dir(os.path.join(args.out, folder), "--out")
     train = [f"train_{i:05d}" for i in range(args.train)]
     val = [f"val_{i:05d}" for i in range(args.val)]
     for index, image_id in enumerate(train + val):
         image, mask = make_sample(rng, args.size, field=args.field_variety and index >= args.train_txt,
                                   any_colour=args.any_colour)
-        Image.fromarray(image).save(os.path.join(args.out, "JPEGImages", f"{image_id}.jpg"), quality=95)
-        common.save_mask_png(os.path.join(args.out, "SegmentationClass", f"{image_id}.png"), mask, common.voc_palette())
-    common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "train.txt"), train[:args.train_txt])
-    common.write_ids(os.path.join(args.out, "ImageSets", "SegmentationAug", "train_aug.txt"), train)
-    common.write_ids(os.path.join(args.out, "ImageSets", "Segmentation", "val.txt"), val)
-    common.write_json(record, made_by)
+        Image.fromarray(image).save(os.path.join(args.out, "JPEGImages" if voc else "images", f"{image_id}.jpg"), quality=95)
+        if voc or index < args.train_txt or index >= args.train:  # your own data: masks for the pool and val only
+            common.save_mask_png(os.path.join(args.out, "SegmentationClass" if voc else "masks", f"{image_id}.png"), mask,
+                                 common.colour_palette())
+    lists = [("ImageSets/Segmentation/train.txt", train[:args.train_txt]), ("ImageSets/SegmentationAug/train_aug.txt", train),
+             ("ImageSets/Segmentation/val.txt", val)] if voc else [("val.txt", val)]
+    for name, ids in lists:
+        common.write_text(os.path.join(args.out, name), "".join(f"{i}\n" for i in ids))
     common.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: marks it complete
-    print(f"wrote {args.train} training images ({args.train_txt} in train.txt) and {args.val} val images to {args.out}"
-          + (", with field variety" if args.field_variety else ""))
+    print(f"wrote {args.train} training images ({args.train_txt} in the labelled pool) and {args.val} val images to "
+          f"{args.out}, in the {args.layout} layout" + (", with field variety" if args.field_variety else ""))
 
 
 if __name__ == "__main__":

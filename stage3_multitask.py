@@ -1,22 +1,28 @@
 """The multi-task mean-teacher training of Ke et al. (IEEE TIP 2022), paper stages 2 and 3.
 
-    python stage3_multitask.py --labeled 1464 --pseudo runs/pseudo1 --aux-head separate --out runs/stage2
-    python stage3_multitask.py --labeled 1464 --pseudo runs/pseudo2 --aux-head shared --out runs/stage3
+    python stage3_multitask.py --pseudo runs/pseudo1 --aux-head separate --out runs/stage2
+    python stage3_multitask.py --pseudo runs/pseudo2 --aux-head shared --out runs/stage3
 
-A student and its EMA teacher, as in the authors' training step. Each step takes labelled images
-x_l (true masks y_l) and images of the whole training set x_u (labelled ones too), each with its
-pseudo-mask p from --pseudo. All get the weak view (scale, crop, flip); x_u also gets the strong
-augmentation S (3 of RandAugment's 14 operations and Cutout), whose geometric operations move
-p and the teacher's target with the image. The teacher sees the weak views [x_l, x_u]; its
-argmax t is carried through S's warp. The student sees [x_l, S(x_u)]. With CE the cross-entropy
-ignoring 255, over the whole batch where not said otherwise:
+It trains on the split and the data of its pseudo-masks (stage2_pseudolabel.py's --out, which
+took them from the checkpoint that made the masks). A student and its EMA teacher, as in the
+authors' training step. Each step takes labelled images x_l (true masks y_l) and images of the
+whole training set x_u (labelled ones too), each with its pseudo-mask p. All get the weak view
+(scale, crop, flip); x_u also gets the strong augmentation S (3 of RandAugment's 14 operations
+and Cutout), whose geometric operations move p and the teacher's target with the image. The
+teacher sees the weak views [x_l, x_u]; its argmax t is carried through S's warp. The student
+sees [x_l, S(x_u)]. With CE the cross-entropy ignoring 255, over the whole batch where not said
+otherwise:
     L_sup = CE(g(x_l), y_l)      L_con = CE(g([x_l, S(x_u)]), t)      L_aux = CE(aux([x_l, S(x_u)]), p)
     L = w_sup * L_sup + w_con * (L_con + L_aux) / 2
 The auxiliary head is ĝ (--aux-head separate: a new last backbone stage of its own, half as wide,
 fed by the stage before) or g̃ (shared: a second head on the shared last stage). The teacher's
 main head is the model that evaluate.py and stage2_pseudolabel.py use.
+
+Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teacher; metrics.json
+also the auxiliary head's val mIoU). The same command again continues an interrupted run.
 """
 import argparse
+import json
 import math
 import os
 import random
@@ -27,31 +33,77 @@ from torch.optim.swa_utils import AveragedModel
 
 import common
 
-STAGE3_FLAGS = ["pseudo", "aux_head", "batch_labeled", "batch_unlabeled", "w_sup", "w_con", "ema_decay", "init"]
 DEFAULT_ITERS = 60_000  # the authors' length of each multi-task stage, on VOC and on Cityscapes
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_training_args(parser, default_out="runs/stage3", default_length=f"{DEFAULT_ITERS:,}, the authors'")
     method = parser.add_argument_group("multi-task mean teacher")
-    method.add_argument("--pseudo", help="folder of pseudo-masks <id>.png (stage2_pseudolabel.py's --out); required "
-                                         "but with --resume, which takes the run's")
+    method.add_argument("--pseudo", help="the pseudo-masks of the previous round (stage2_pseudolabel.py's --out), "
+                                         "with their split; required but with --resume")
+    method.add_argument("--data-root", help="the dataset's folder (default: the one the pseudo-masks were made on)")
     method.add_argument("--aux-head", choices=["separate", "shared"], default="separate",
                         help="separate: ĝ with a new, half-width last backbone stage of its own (paper stage 2); "
                              "shared: g̃ on the shared last stage (paper stage 3) (default: %(default)s)")
     method.add_argument("--batch-labeled", type=int, default=1,
-                        help="labelled images per step, over all processes (default: %(default)s)")
+                        help="labelled images a step, over all processes (default: %(default)s)")
     method.add_argument("--batch-unlabeled", type=int, default=9,
-                        help="images of the whole training set per step (default: %(default)s, the authors' 1 + 9 on VOC)")
+                        help="images of the whole training set a step (default: %(default)s, the authors' 1 + 9 on VOC)")
     method.add_argument("--w-sup", type=float, default=1.0, help="weight of L_sup (default: %(default)s; 0.5 on Cityscapes)")
     method.add_argument("--w-con", type=float, default=0.5, help="weight of (L_con + L_aux) / 2 (default: %(default)s)")
     method.add_argument("--ema-decay", type=float,
                         help="a constant teacher decay (default: 0.99, 0.995, 0.9975, 0.999 after 0, 1/3, 2/3, 5/6 of training)")
-    method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) "
-                                       "instead of --weights; the auxiliary head and ĝ's stage start fresh")
-    args = parser.parse_args(argv)
-    return parser, args
+    method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) instead of "
+                                       "--weights; the auxiliary head and ĝ's stage start fresh")
+    common.add_training_args(parser, f"{DEFAULT_ITERS:,}, the authors'")
+    return parser, parser.parse_args(argv)
+
+
+def read_pseudo(folder):
+    """The record of a folder of pseudo-masks (stage2_pseudolabel.py's --out)."""
+    path = os.path.join(folder, common.RECORD)
+    record = json.loads(open(path).read()) if os.path.isfile(path) else {}
+    if record.get("script") != "stage2_pseudolabel.py":
+        raise common.UserError(f"--pseudo {folder} is not a folder of stage2_pseudolabel.py's pseudo-masks (no {path}); "
+                               "write them with stage2_pseudolabel.py")
+    return record
+
+
+def inputs(args):
+    """What the run's input folders hold, wherever they lie (a run folder may move): the checkpoint
+    its pseudo-masks were made from, and --init's checkpoint, by their SHA-256."""
+    init = os.path.join(args.init, "checkpoint.pt") if args.init and os.path.isdir(args.init) else args.init
+    return {"pseudo": read_pseudo(args.pseudo)["recipe"]["checkpoint"],
+            "init": "sha256:" + common.file_sha256(init)[:16] if init and os.path.isfile(init) else args.init}
+
+
+def pseudo_split(folder, record, description):
+    """The split the pseudo-masks were made for, checked against the data this run trains on: the
+    same dataset, and a finished pseudo-mask for every training image."""
+    if os.path.realpath(description.root) != record["recipe"]["data_root"]:
+        raise common.UserError(f"--pseudo {folder} was made on the data in {record['recipe']['data_root']}, not on "
+                               f"--data-root {description.root}; make pseudo-masks of this data with stage2_pseudolabel.py")
+    labeled, unlabeled = (common.read_lines(os.path.join(folder, f"{name}.txt")) for name in ["labeled", "unlabeled"])
+    missing = [i for i in labeled + unlabeled if not os.path.exists(os.path.join(folder, f"{i}.png"))]
+    if missing or not os.path.exists(os.path.join(folder, "stats.json")):
+        raise common.UserError(f"--pseudo {folder} is unfinished ({len(missing)} of {len(labeled + unlabeled)} pseudo-masks "
+                               "missing); run the stage2_pseudolabel.py command that made it again to finish it")
+    return sorted(labeled), sorted(unlabeled)
+
+
+def load_init(student, path, backbone, num_classes):
+    """Start from another checkpoint's weights (its mean teacher's, where it has one). The
+    auxiliary head and ĝ's own stage start fresh, as they do from ImageNet weights."""
+    checkpoint, path = common.load_checkpoint(path, "--init")
+    new = ("aux_head.", "aux_last_stage.")
+    weights = {k: v for k, v in checkpoint.get("teacher", checkpoint["model"]).items() if not k.startswith(new)}
+    try:
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+    except RuntimeError:
+        missing, unexpected = ["(shapes differ)"], []
+    if unexpected or any(not key.startswith(new) for key in missing):
+        raise common.UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of {len(checkpoint['class_names'])} "
+                               f"classes; this run is a {backbone} model of {num_classes} classes")
 
 
 def ema_decay(step, iters, constant=None):
@@ -91,9 +143,9 @@ class LabeledWithPseudo(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, mask = self.images.load(index)
         pseudo = common.read_mask(os.path.join(self.pseudo_dir, f"{self.images.ids[index]}.png"),
-                                  self.images.num_classes, image.shape[-2:])
+                                  len(self.images.description.class_names), image.shape[-2:])
         image, mask, pseudo = self.weak(image, mask, pseudo)
-        return common.normalize(image), mask.long(), pseudo.long(), index
+        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long(), pseudo.as_subclass(torch.Tensor).long(), index
 
 
 class StrongViewDataset(torch.utils.data.Dataset):
@@ -108,7 +160,8 @@ class StrongViewDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, pseudo = self.weak(*self.images.load(index))
         strong, source = common.strong_augment(image)
-        return common.normalize(image), common.normalize(strong), common.warp(pseudo, source).long(), source, index
+        return (image.as_subclass(torch.Tensor), strong.as_subclass(torch.Tensor), common.warp(pseudo, source).long(),
+                source, index)
 
 
 def losses(student, teacher, labeled_batch, unlabeled_batch, w_sup, w_con, amp):
@@ -151,107 +204,49 @@ def train_one_step(student, teacher, labeled_batch, unlabeled_batch, optimizer, 
     optimizer.step()
     scheduler.step()
     decay[0] = ema_decay(scheduler.last_epoch, args.iters, args.ema_decay)  # last_epoch: the steps done
-    teacher.update_parameters(unwrap(student))
+    model = getattr(student, "_orig_mod", student)  # the model inside torch.compile's and DDP's wrappers
+    teacher.update_parameters(getattr(model, "module", model))
     return terms
-
-
-def unwrap(net):
-    """The model inside torch.compile's and DistributedDataParallel's wrappers."""
-    net = getattr(net, "_orig_mod", net)
-    return getattr(net, "module", net)
-
-
-def fake_batches(args):
-    """A step's batches at the real shapes (zeros), on the current default device."""
-    n_l, n_u, crop = args.batch_labeled, args.batch_unlabeled, common.crop_of(args)
-    labeled = (torch.zeros(n_l, 3, *crop), torch.zeros(n_l, *crop, dtype=torch.long), torch.zeros(n_l, *crop, dtype=torch.long))
-    unlabeled = (torch.zeros(n_u, 3, *crop), torch.zeros(n_u, 3, *crop), torch.zeros(n_u, *crop, dtype=torch.long),
-                 torch.arange(crop[0] * crop[1]).view(crop).repeat(n_u, 1, 1))
-    return labeled, unlabeled
-
-
-def step_flops(args, num_classes):
-    """FLOPs of one step (teacher forward, student forward and backward), counted on meta tensors."""
-    with torch.device("meta"):
-        student = common.build_model(args.backbone, num_classes, weights="none", aux_head=args.aux_head)
-        teacher = common.build_model(args.backbone, num_classes, weights="none", aux_head=args.aux_head).eval()
-        labeled, unlabeled = fake_batches(args)
-    return common.count_flops(lambda: losses(student, teacher, labeled, unlabeled, args.w_sup, args.w_con, False)["L"].backward())
-
-
-def check_pseudo(pseudo, ids):
-    if not os.path.isdir(pseudo):
-        raise common.UserError(f"--pseudo {pseudo} is not a folder (write it with stage2_pseudolabel.py)")
-    missing = [i for i in ids if not os.path.exists(os.path.join(pseudo, f"{i}.png"))]
-    if missing:
-        raise common.UserError(f"--pseudo {pseudo} lacks the pseudo-masks of {len(missing)} of {len(ids)} training "
-                               f"images (first: {', '.join(missing[:3])}); run or finish stage2_pseudolabel.py")
-
-
-def load_init(student, path):
-    """Start from another checkpoint's weights (its mean teacher's, where it has one). The
-    auxiliary head and ĝ's own stage start fresh, as they do from ImageNet weights."""
-    checkpoint = common.load_checkpoint(path)
-    weights = checkpoint.get("teacher", checkpoint["model"])
-    new = ("aux_head.", "aux_last_stage.")
-    weights = {k: v for k, v in weights.items() if not k.startswith(new)}
-    try:
-        missing, unexpected = student.load_state_dict(weights, strict=False)
-    except RuntimeError:
-        missing, unexpected = ["(shapes differ)"], []
-    if unexpected or any(not key.startswith(new) for key in missing):
-        raise common.UserError(f"--init {path} does not fit this --backbone and class count")
 
 
 def main(argv=None):
     parser, args = get_args(argv)
-    checkpoint_path = common.prepare_out_dir(args.out, args.resume)
-    checkpoint = common.load_checkpoint(checkpoint_path) if args.resume else None
-    if checkpoint is not None:
-        # --init matters only at the start; --pseudo is checked by its content (pseudo_source) below.
-        args = common.resume_args(parser, args, checkpoint, common.RECIPE_FLAGS + STAGE3_FLAGS + ["pseudo_source"], argv,
-                                  movable=("data_root", "pseudo", "init"))
-    common.check_training_args(args)
-    if args.pseudo is None:
+    if args.pseudo is None and not args.resume:
         raise common.UserError("give --pseudo DIR, the pseudo-masks of the previous round (stage2_pseudolabel.py's --out)")
-    for flag in ["batch_labeled", "batch_unlabeled"]:
-        if getattr(args, flag) < 1:
-            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.w_sup < 0 or args.w_con < 0 or (args.ema_decay is not None and not 0 <= args.ema_decay < 1):
-        raise common.UserError("--w-sup and --w-con cannot be negative, and --ema-decay must be in [0, 1)")
-    description = common.describe_dataset(args.data_root)
-    device = common.finish_running_args(args)
+    if args.pseudo and args.data_root is None:  # the data the pseudo-masks were made on
+        args.data_root = read_pseudo(args.pseudo)["recipe"]["data_root"]
+    run = common.start_run(parser, args, argv, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
+    if run is None:
+        return
+    args, description, device, checkpoint = run
+    if min(args.batch_labeled, args.batch_unlabeled) < 1 or args.w_sup < 0 or args.w_con < 0 or not 0 <= (args.ema_decay or 0) < 1:
+        raise common.UserError("--batch-labeled and --batch-unlabeled must be at least 1, --w-sup and --w-con at least 0, "
+                               "--ema-decay in [0, 1)")
+    if (args.batch_labeled + (args.batch_unlabeled if args.w_con else 0)) < args.world_size * (1 if args.backbone == "tiny_unet" else 2):
+        raise common.UserError("DeepLabv3's image pooling normalises over the batch: give each process at least 2 images "
+                               "a step (--batch-labeled + --batch-unlabeled)")
     torch.manual_seed(args.seed)
     random.seed(args.seed + args.rank)
-
-    class_names = description.class_names
-    labeled, unlabeled = common.split_of_run(args, description, checkpoint)
+    pseudo = read_pseudo(args.pseudo)
+    labeled, unlabeled = pseudo_split(args.pseudo, pseudo, description)
+    common.write_split(args.out, description, labeled, unlabeled)
     everything = sorted(labeled + unlabeled)  # the unlabelled stream: the whole training set
-    check_pseudo(args.pseudo, everything)
-    source_file = os.path.join(args.pseudo, "source.json")
-    pseudo_source = common.file_sha256(source_file) if os.path.exists(source_file) else None
-    if checkpoint is not None and pseudo_source != args.pseudo_source:
-        raise common.UserError(f"--pseudo {args.pseudo} was rewritten since this run started; start a new run in another --out")
-    args.pseudo_source = pseudo_source
     if args.iters is None:
         args.iters = math.ceil(args.epochs * len(everything) / args.batch_unlabeled) if args.epochs else DEFAULT_ITERS
-    if common.is_main_process():
-        common.write_ids(os.path.join(args.out, "labeled.txt"), labeled)
-        common.write_ids(os.path.join(args.out, "unlabeled.txt"), unlabeled)
-    print(f"{description.name}: {len(labeled)} labelled images, {len(everything)} with pseudo-masks from {args.pseudo}, "
-          f"{len(class_names)} classes; {args.iters} steps of {args.batch_labeled} + {args.batch_unlabeled} on {device}"
-          + (f" ({args.world_size} processes)" if args.distributed else "") + f", auxiliary head: {args.aux_head}")
+    print(f"pseudo-masks of {pseudo['checkpoint']} (step {pseudo['step']}); {args.iters} steps of {args.batch_labeled} + "
+          f"{args.batch_unlabeled} on {device}" + (f" ({args.world_size} processes)" if args.distributed else "") +
+          f", auxiliary head: {args.aux_head}")
 
-    student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights,
-                                 aux_head=args.aux_head)
+    class_names = description.class_names
+    student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights, aux_head=args.aux_head)
     if args.init and checkpoint is None:
-        load_init(student, args.init)
+        load_init(student, args.init, args.backbone, len(class_names))
     optimizer, scheduler = common.make_optimizer(student, args)
     step = 0
     if checkpoint is not None:
         student.load_state_dict(checkpoint["model"])
         step = checkpoint["step"]
-    net = common.prepare_model(student, args, device)
+    net = common.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head then
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -259,56 +254,48 @@ def main(argv=None):
     teacher = make_teacher(student, decay)
     if checkpoint is not None:
         teacher.module.load_state_dict(checkpoint["teacher"])
-        print(f"resuming {checkpoint_path} at step {step}")
     teacher_net = torch.compile(teacher) if args.compile else teacher
 
-    weak = common.weak_augment(common.crop_of(args), common.train_scale_range(args))
+    weak = common.weak_augment((args.crop_size * 2)[:2], [args.image_scale * s for s in args.scale_range])
     pseudo_files = {i: os.path.join(args.pseudo, f"{i}.png") for i in everything}
-    labeled_set = LabeledWithPseudo(common.true_mask_dataset(description, labeled), args.pseudo, weak)
-    pseudo_set = common.SegmentationDataset(everything, description.images, pseudo_files, len(class_names))
-    labeled_batches = common.train_batches(labeled_set, args.batch_labeled, args.workers, args.seed, step)
-    unlabeled_batches = common.train_batches(StrongViewDataset(pseudo_set, weak), args.batch_unlabeled, args.workers,
-                                             args.seed + 1, step)
-    val_loader = common.full_image_loader(common.val_dataset(description), 8, args.workers)
-
-    def save(step):
-        common.save_on_master(checkpoint_path, {
-            "model": student.state_dict(), "teacher": teacher.module.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "args": vars(args), "labeled": labeled,
-            "unlabeled": unlabeled, "class_names": class_names, "dataset": description.name, "stage": 3})
+    labeled_set = LabeledWithPseudo(common.SegmentationDataset(description, labeled), args.pseudo, weak)
+    pseudo_set = StrongViewDataset(common.SegmentationDataset(description, everything, masks=pseudo_files), weak)
+    labeled_batches = common.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step, args.rank, args.world_size)
+    unlabeled_batches = common.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step, args.rank,
+                                            args.world_size)
+    val_loader = common.full_image_loader(common.SegmentationDataset(description, description.val_ids), 8, args.workers,
+                                          args.rank, args.world_size, args.image_scale)
 
     def validate():
-        evaluate = common.evaluate
-        main_head = evaluate(teacher.module, val_loader, device, len(class_names), args.amp, image_scale=args.image_scale)
-        aux_head = evaluate(teacher.module, val_loader, device, len(class_names), args.amp, head=1, image_scale=args.image_scale)
-        return main_head, aux_head
+        """The teacher's main head and auxiliary head on val."""
+        return [common.evaluate(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp, head)
+                for head in (0, 1)]
 
-    history = common.History(args.out, step if checkpoint is not None else None)
-    flops = step_flops(args, len(class_names)) // args.world_size if device.type == "cuda" else None
-    progress = common.Progress(step, args.iters, flops, common.peak_flops(device, args.amp))
+    progress = common.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:
-        labeled_batch = [common.to_device(x, device, args.channels_last) for x in next(labeled_batches)[:3]]
-        unlabeled_batch = [common.to_device(x, device, args.channels_last) for x in next(unlabeled_batches)[:4]]
+        x_l, y_l, p_l, _ = next(labeled_batches)
+        x_weak, x_strong, p_strong, source, _ = next(unlabeled_batches)
+        labeled_batch = (common.images_to_device(x_l, device, args.channels_last), y_l.to(device), p_l.to(device))
+        unlabeled_batch = (common.images_to_device(x_weak, device, args.channels_last),
+                           common.images_to_device(x_strong, device, args.channels_last), p_strong.to(device), source.to(device))
         terms = train_one_step(net, teacher_net, labeled_batch, unlabeled_batch, optimizer, scheduler, decay, args)
-        progress.add(terms)
         step += 1
-        if step % args.print_every == 0 or step == args.iters:
-            text, record = progress.line(step, scheduler.get_last_lr()[0])
-            common.check_finite(record, step)
-            print(f"{text}  ema {decay[0]}", flush=True)
-            history.append({**record, "ema_decay": decay[0]})
-        if step % args.save_every == 0 or step == args.iters:
-            common.check_finite({name: value.item() for name, value in terms.items()}, step)
-            save(step)
+        progress.update(step, terms, scheduler.get_last_lr()[0], ema=decay[0])
+        if (step % args.save_every == 0 or step == args.iters) and common.is_main_process():
+            common.check_finite(terms, step)  # never save weights that have become NaN
+            common.atomic_write(os.path.join(args.out, "checkpoint.pt"), lambda tmp: torch.save({
+                "model": student.state_dict(), "teacher": teacher.module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "args": vars(args), "labeled": labeled,
+                "unlabeled": unlabeled, "class_names": class_names, "palette": description.palette, "stage": 3}, tmp))
         if args.eval_every and step % args.eval_every == 0 and step < args.iters:
             main_head, aux_head = validate()
             print(f"step {step}: teacher val mIoU {main_head.miou():.2f} (auxiliary head {aux_head.miou():.2f})")
-            history.append({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
+            progress.log({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
 
     main_head, aux_head = validate()
     print(f"teacher's main head, val IoU after {step} steps:\n{main_head.table(class_names)}")
     print(f"teacher's auxiliary head ({args.aux_head}): val mIoU {aux_head.miou():.2f}")
-    history.append({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
+    progress.log({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
     if common.is_main_process():
         common.write_json(os.path.join(args.out, "metrics.json"), {
             "step": step, **main_head.report(class_names), "aux_miou": aux_head.miou()})

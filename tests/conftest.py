@@ -52,7 +52,7 @@ def write_voc_tree(root, with_aug=True, train_aug_list=False):
     (single-channel PNGs: all training ids and, as the real SBD folder, the val ids too), split files."""
     for folder in ["JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets/Segmentation"]:
         os.makedirs(os.path.join(root, folder), exist_ok=True)
-    palette = common.voc_palette()
+    palette = common.colour_palette()
     for index, image_id in enumerate(TRAIN_IDS + VAL_IDS):
         Image.fromarray(make_image(index)).save(os.path.join(root, "JPEGImages", f"{image_id}.jpg"), quality=95)
         mask = make_mask(index)

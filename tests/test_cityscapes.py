@@ -1,5 +1,6 @@
 """Cityscapes as it is distributed: the layout, the id mapping, both mask kinds, both split-file
 forms, every script on a tiny tree, sliding-window evaluation, and the bad inputs."""
+import argparse
 import json
 import os
 
@@ -10,8 +11,16 @@ import torch.nn as nn
 from PIL import Image
 
 import common
+import evaluate
+import stage1_train
 from conftest import (CS_RAW_TO_TRAIN, CS_SIZE, CS_TRAIN, CS_VAL, ROOT, assert_user_error, cityscapes_raw_mask,
                       run_script, write_cityscapes_tree)
+
+def make_split(description, labeled, seed=0, labeled_list=None):
+    args = argparse.Namespace(labeled=labeled, protocol="classic", split_seed=seed, labeled_list=labeled_list,
+                              unlabeled_list=None)
+    return stage1_train.make_split(description, args)
+
 
 TRAIN = sorted(i for ids in CS_TRAIN.values() for i in ids)
 VAL = sorted(i for ids in CS_VAL.values() for i in ids)
@@ -21,7 +30,7 @@ TINY = ["--backbone", "tiny_unet", "--no-pretrained", "--image-scale", "0.5", "-
 
 def test_the_layout_is_recognised_with_the_official_classes(cityscapes_root):
     description = common.describe_dataset(cityscapes_root)
-    assert description.name == "cityscapes" and description.train_ids == TRAIN and description.val_ids == VAL
+    assert description.kind == "cityscapes" and description.train_ids == TRAIN and description.val_ids == VAL
     assert description.class_names[:3] == ["road", "sidewalk", "building"] and len(description.class_names) == 19
     assert description.class_names[-1] == "bicycle"
     assert description.palette[:6] == [128, 64, 128, 244, 35, 232]  # road and sidewalk, Cityscapes' colours
@@ -30,7 +39,7 @@ def test_the_layout_is_recognised_with_the_official_classes(cityscapes_root):
 
 def test_raw_label_ids_map_to_train_ids_and_255(cityscapes_root):
     description = common.describe_dataset(cityscapes_root)
-    _, mask, _ = common.true_mask_dataset(description, [TRAIN[0]])[0]
+    _, mask, _ = common.SegmentationDataset(description, [TRAIN[0]])[0]
     raw = cityscapes_raw_mask(0)
     for raw_id, train_id in CS_RAW_TO_TRAIN.items():
         assert (mask.numpy()[raw == raw_id] == train_id).all(), raw_id
@@ -42,7 +51,7 @@ def test_both_mask_kinds_give_the_same_classes(tmp_path):
     masks = []
     for root in [raw_root, train_root]:
         description = common.describe_dataset(root)
-        masks.append([common.true_mask_dataset(description, [i])[0][1] for i in TRAIN + VAL])
+        masks.append([common.SegmentationDataset(description, [i])[0][1] for i in TRAIN + VAL])
     assert all(torch.equal(a, b) for a, b in zip(*masks))
     assert common.describe_dataset(train_root).label_table is None
 
@@ -53,16 +62,16 @@ def test_an_unknown_raw_id_is_named(cityscapes_root):
     raw[0, 0] = 77
     Image.fromarray(raw, mode="L").save(description.masks[TRAIN[0]])
     with pytest.raises(common.UserError, match="has label id 77"):
-        common.true_mask_dataset(description, [TRAIN[0]])[0]
+        common.SegmentationDataset(description, [TRAIN[0]])[0]
 
 
 def test_labeled_draws_from_the_train_images_only(cityscapes_root):
     description = common.describe_dataset(cityscapes_root)
     for seed in range(5):
-        labeled, unlabeled = common.make_split(description, 4, seed=seed)
+        labeled, unlabeled = make_split(description, 4, seed=seed)
         assert len(labeled) == 4 and sorted(labeled + unlabeled) == TRAIN
     with pytest.raises(common.UserError, match="draws from 9 images"):
-        common.make_split(description, 10)
+        make_split(description, 10)
 
 
 def test_both_split_file_forms(cityscapes_root, tmp_path):
@@ -72,11 +81,11 @@ def test_both_split_file_forms(cityscapes_root, tmp_path):
                               f"gtFine/train/{i.split('_')[0]}/{i}_gtFine_labelTrainIds.png\n" for i in TRAIN[:3]))
     bare = tmp_path / "bare.txt"
     bare.write_text("".join(f"{i}\n" for i in TRAIN[3:5]))
-    assert common.make_split(description, None, labeled_list=str(paired))[0] == TRAIN[:3]
-    assert common.make_split(description, None, labeled_list=str(bare))[0] == TRAIN[3:5]
+    assert make_split(description, None, labeled_list=str(paired))[0] == TRAIN[:3]
+    assert make_split(description, None, labeled_list=str(bare))[0] == TRAIN[3:5]
     voc = os.path.join(ROOT, "splits", "unimatch", "pascal", "92_labeled.txt")
     with pytest.raises(common.UserError, match="is a split file of voc, but --data-root .* is cityscapes"):
-        common.make_split(description, None, labeled_list=voc)
+        make_split(description, None, labeled_list=voc)
 
 
 @pytest.mark.parametrize("name,count", [("ke2022/cityscapes_100_labeled.txt", 100), ("unimatch/cityscapes/1_30_labeled.txt", 100)])
@@ -95,7 +104,7 @@ def test_the_shipped_cityscapes_split_files_are_read_as_they_are(tmp_path, name,
             raw.save(gt)
     (root / "leftImg8bit" / "val").mkdir()
     (root / "gtFine" / "val").mkdir()
-    labeled, unlabeled = common.make_split(common.describe_dataset(str(root)), count, labeled_list=path)
+    labeled, unlabeled = make_split(common.describe_dataset(str(root)), count, labeled_list=path)
     assert len(labeled) == count and unlabeled == []
 
 
@@ -104,10 +113,10 @@ def test_bad_inputs_are_one_line(cityscapes_root, tmp_path):
     ghost = tmp_path / "ghost.txt"
     ghost.write_text("leftImg8bit/train/jena/jena_000999_000019_leftImg8bit.png gtFine/train/jena/x.png\n")
     with pytest.raises(common.UserError, match="split id jena_000999_000019 has no image"):
-        common.make_split(description, None, labeled_list=str(ghost))
+        make_split(description, None, labeled_list=str(ghost))
     Image.fromarray(np.zeros((5, 5), np.uint8), mode="L").save(description.masks[TRAIN[1]])
     with pytest.raises(common.UserError, match="is 5x5 but its image is 48x32"):
-        common.true_mask_dataset(description, [TRAIN[1]])[0]
+        common.SegmentationDataset(description, [TRAIN[1]])[0]
     os.rename(os.path.join(cityscapes_root, "gtFine"), os.path.join(cityscapes_root, "gtFine_moved"))
     result = run_script("stage1_train.py", "--data-root", cityscapes_root, "--labeled", 2, *TINY, "--iters", 1,
                         "--out", tmp_path / "s1", check=False)
@@ -118,20 +127,22 @@ def test_every_script_runs_on_cityscapes(cityscapes_root, tmp_path):
     s1, p1, s2 = (str(tmp_path / name) for name in ["stage1", "pseudo1", "stage2"])
     result = run_script("stage1_train.py", "--data-root", cityscapes_root, "--labeled", 4, *TINY, "--batch-size", 2,
                         "--iters", 2, "--out", s1)
-    assert result.stdout.startswith("cityscapes: 4 labelled and 5 unlabelled training images, 19 classes")
+    assert result.stdout.startswith(f"cityscapes data in {cityscapes_root}: 9 training images (9 with a mask), 3 val images, "
+                                    "19 classes")
+    assert "this run: 4 labelled and 5 unlabelled training images" in result.stdout
     result = run_script("stage2_pseudolabel.py", "--checkpoint", os.path.join(s1, "checkpoint.pt"), "--out", p1, "--workers", 0)
     assert "ego vehicle: 6.2% of each image, from 4 labelled masks" in result.stdout
     for image_id in TRAIN:  # flat: ids are unique without the city folder; at the image's own size
         png = Image.open(os.path.join(p1, f"{image_id}.png"))
         assert png.size == CS_SIZE[::-1] and png.getpalette()[:3] == [128, 64, 128]
         assert (np.array(png)[-4:, 12:36] == 255).all()  # the ego vehicle is left out of every pseudo-mask
-    run_script("stage3_multitask.py", "--data-root", cityscapes_root, "--labeled", 4, *TINY, "--batch-labeled", 1,
+    run_script("stage3_multitask.py", *TINY, "--batch-labeled", 1,
                "--batch-unlabeled", 2, "--iters", 2, "--w-sup", 0.5, "--pseudo", p1, "--out", s2)
     report = str(tmp_path / "val.json")
     run_script("evaluate.py", "--checkpoint", os.path.join(s2, "checkpoint.pt"), "--workers", 0, "--json", report,
                "--save-dir", tmp_path / "pred")
     assert len(json.load(open(report))["per_class"]) == 19
-    assert sorted(os.listdir(tmp_path / "pred")) == [f"{i}.png" for i in VAL]
+    assert sorted(os.listdir(tmp_path / "pred")) == sorted([f"{i}.png" for i in VAL] + ["run.json"])
     run_script("evaluate.py", "--checkpoint", os.path.join(s2, "checkpoint.pt"), "--workers", 0, "--window", 8, 16,
                "--stride", 4, 8)
 
@@ -151,7 +162,7 @@ class PerPixel(nn.Module):
 def test_sliding_window_agrees_with_the_whole_image_on_a_per_pixel_model(window, stride):
     torch.manual_seed(0)
     model, images = PerPixel().eval(), torch.randn(2, 3, *CS_SIZE)
-    whole = common.predict_probs(model, images)
-    tiled = common.predict_probs(model, images, window=window, stride=stride)
+    whole = common.predict(model, images)
+    tiled = evaluate.window_probs(model, images, argparse.Namespace(window=window, stride=stride, amp=False), 1.0)
     assert torch.allclose(whole, tiled, atol=1e-6)
-    assert common.window_starts(32, 8, 4)[-1] == 24 and common.window_starts(48, 20, 20) == [0, 20, 28]
+    assert evaluate.window_starts(32, 8, 4)[-1] == 24 and evaluate.window_starts(48, 20, 20) == [0, 20, 28]

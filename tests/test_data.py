@@ -1,4 +1,5 @@
 """The VOC loader and the split protocols, on the tiny tree of conftest.py; the split files shipped."""
+import argparse
 import os
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 from PIL import Image
 
 import common
+import stage1_train
 from conftest import ROOT, TRAIN_IDS, VAL_IDS, VOC_TRAIN_IDS, make_mask, write_voc_tree
 
 
@@ -14,14 +16,16 @@ def describe(root):
     return common.describe_dataset(root)
 
 
-def split(root, *args, **kwargs):
-    return common.make_split(describe(root), *args, **kwargs)
+def split(root, labeled, protocol="classic", seed=0, labeled_list=None, unlabeled_list=None):
+    args = argparse.Namespace(labeled=labeled, protocol=protocol, split_seed=seed, labeled_list=labeled_list,
+                              unlabeled_list=unlabeled_list)
+    return stage1_train.make_split(describe(root), args)
 
 
 def test_training_ids_come_from_the_aug_folder_minus_val(voc_root):
     # SegmentationClassAug also holds the val masks, as the real SBD folder does: they must not train.
     description = describe(voc_root)
-    assert description.name == "voc" and description.train_ids == TRAIN_IDS and description.val_ids == VAL_IDS
+    assert description.kind == "voc" and description.train_ids == TRAIN_IDS and description.val_ids == VAL_IDS
 
 
 def test_training_ids_prefer_train_aug_txt(tmp_path):
@@ -66,8 +70,8 @@ def test_both_split_file_formats_are_read(voc_root, tmp_path):
     paired = tmp_path / "paired.txt"
     paired.write_text("".join(f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n" for i in ["2007_000009", "2007_000003"]))
     description = describe(voc_root)
-    assert common.read_split_file(str(bare), description, "f") == ["2007_000002", "2007_000005"]
-    assert common.read_split_file(str(paired), description, "f") == ["2007_000009", "2007_000003"]
+    assert stage1_train.read_split_file(str(bare), description, "f") == ["2007_000002", "2007_000005"]
+    assert stage1_train.read_split_file(str(paired), description, "f") == ["2007_000009", "2007_000003"]
     labeled, unlabeled = split(voc_root, None, labeled_list=str(paired), unlabeled_list=str(bare))
     assert labeled == ["2007_000003", "2007_000009"] and unlabeled == ["2007_000002", "2007_000005"]
 
@@ -86,8 +90,8 @@ def test_split_list_errors(voc_root, tmp_path):
     with pytest.raises(common.UserError, match="lists 1 images"):
         split(voc_root, 3, labeled_list=str(ghost))
     twice = tmp_path / "twice.txt"
-    twice.write_text("2007_000002\n2007_000002\n")
-    with pytest.raises(common.UserError, match="lists an image twice"):
+    twice.write_text("2007_000001\n2007_000002\n2007_000002\n")
+    with pytest.raises(common.UserError, match="lists 2007_000002 twice"):  # the id is named
         split(voc_root, None, labeled_list=str(twice))
 
 
@@ -103,8 +107,7 @@ def test_the_shipped_voc_split_files_are_read_as_they_are(tmp_path, name, count)
     """A VOC tree whose training ids are exactly those of the split file: every line is found."""
     path = os.path.join(ROOT, "splits", name)
     root = tmp_path / "VOC2012"
-    ids = common.read_plain_ids(path)
-    ids = [os.path.splitext(os.path.basename(i))[0] for i in ids]
+    ids = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in common.read_lines(path)]
     for folder in ["JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"]:
         (root / folder).mkdir(parents=True)
     tiny = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
@@ -124,9 +127,8 @@ def test_unlabelled_images_need_no_mask(tmp_path):
     assert "2007_000010" in unlabeled and describe(root).masks["2007_000010"] is None
 
 
-def dataset_of(root, image_id, num_classes=21):
-    return common.true_mask_dataset(describe(root), [image_id]) if num_classes == 21 else common.SegmentationDataset(
-        [image_id], describe(root).images, describe(root).masks, num_classes)
+def dataset_of(root, image_id):
+    return common.SegmentationDataset(describe(root), [image_id])
 
 
 @pytest.mark.parametrize("image_id,folder", [("2007_000001", "SegmentationClass"), ("2007_000009", "SegmentationClassAug")])
@@ -139,7 +141,7 @@ def test_masks_are_class_indices_from_both_kinds_of_png(tmp_path, image_id, fold
     path = describe(root).masks[image_id]
     assert folder in path and Image.open(path).mode == ("P" if folder == "SegmentationClass" else "L")
     image, mask, _ = dataset_of(root, image_id)[0]
-    assert image.dtype == torch.float32 and image.shape[1:] == mask.shape
+    assert image.dtype == torch.uint8 and image.shape[1:] == mask.shape  # normalized on the device, later
     assert np.array_equal(mask.numpy(), expected)
 
 
@@ -161,8 +163,10 @@ def test_bad_masks_and_images_are_named(voc_root):
     Image.fromarray(bad, mode="L").save(os.path.join(voc_root, "SegmentationClassAug", "2007_000002.png"))
     with pytest.raises(common.UserError, match="has label 40"):
         load("2007_000002")
-    Image.fromarray(np.zeros((30, 36, 3), dtype=np.uint8)).save(os.path.join(voc_root, "SegmentationClassAug", "2007_000003.png"))
-    with pytest.raises(common.UserError, match="RGB"):
+    colours = np.zeros((30, 36, 3), dtype=np.uint8)
+    colours[..., 0] = 128  # a coloured mask (not grey): VOC's classes have no colours to read it by
+    Image.fromarray(colours).save(os.path.join(voc_root, "SegmentationClassAug", "2007_000003.png"))
+    with pytest.raises(common.UserError, match="2007_000003.png is a colour image"):
         load("2007_000003")
     with open(os.path.join(voc_root, "JPEGImages", "2007_000004.jpg"), "wb") as f:
         f.write(b"not a jpeg")
@@ -177,11 +181,11 @@ def test_custom_classes_txt(voc_root):
     assert describe(voc_root).class_names == ["background", "thing"]
     # The tiny tree's labels go up to 16: with 2 classes they are invalid and named so.
     with pytest.raises(common.UserError, match="neither a class \\(0-1\\)"):
-        common.true_mask_dataset(describe(voc_root), ["2007_000002"])[0]
+        dataset_of(voc_root, "2007_000002")[0]
 
 
-def test_a_root_that_is_neither_dataset_is_named(tmp_path):
-    with pytest.raises(common.UserError, match="is neither a VOC2012 folder .* nor a Cityscapes folder"):
+def test_a_root_that_is_no_dataset_is_named(tmp_path):
+    with pytest.raises(common.UserError, match="is neither a VOC2012 folder .* nor your own data"):
         describe(str(tmp_path))
     with pytest.raises(common.UserError, match="is not a folder"):
         describe(str(tmp_path / "nothing"))
@@ -206,25 +210,24 @@ def test_weak_augment_takes_a_non_square_crop():
     assert out_image.shape == (3, 24, 48) and out_mask.shape == (24, 48)
 
 
-def test_same_size_batches_never_mix_sizes(voc_root):
+def test_full_image_batches_never_mix_sizes(voc_root):
     description = describe(voc_root)
-    dataset = common.true_mask_dataset(description, TRAIN_IDS + VAL_IDS)
-    batches = common.same_size_batches(dataset, 4)
+    dataset = common.SegmentationDataset(description, TRAIN_IDS + VAL_IDS)
+    batches = list(common.full_image_loader(dataset, 4, 0).batch_sampler)
     assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
     for batch in batches:
         assert len(batch) <= 4
         assert len({Image.open(description.images[dataset.ids[i]]).size for i in batch}) == 1
     # Two processes take every other image, together all of them.
-    shares = [common.same_size_batches(dataset, 4, rank, 2) for rank in range(2)]
+    shares = [list(common.full_image_loader(dataset, 4, 0, rank, 2).batch_sampler) for rank in range(2)]
     assert sorted(i for share in shares for b in share for i in b) == list(range(len(dataset)))
 
 
 def test_shuffled_stream_is_shared_by_processes_and_resumes_where_it_stopped():
     def take(stream, n):
-        iterator = iter(stream)
-        return [next(iterator) for _ in range(n)]
-    one = take(common.ShuffledStream(5, seed=3), 12)
+        return [next(stream) for _ in range(n)]
+    one = take(common.shuffled_stream(5, seed=3), 12)
     assert sorted(one[:5]) == list(range(5)) and sorted(one[5:10]) == list(range(5)) and one[:5] != one[5:10]
-    two = [take(common.ShuffledStream(5, seed=3, rank=r, world=2), 6) for r in range(2)]
+    two = [take(common.shuffled_stream(5, seed=3, rank=r, world=2), 6) for r in range(2)]
     assert [two[r][i // 2] for i in range(12) for r in [i % 2]] == one  # the two shares interleave into the one stream
-    assert take(common.ShuffledStream(5, seed=3, start=7), 5) == one[7:12]
+    assert take(common.shuffled_stream(5, seed=3, start=7), 5) == one[7:12]

@@ -2,6 +2,7 @@
 the EMA teacher, both head layouts, errors."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -29,11 +30,10 @@ def pseudo_dir(tmp_path_factory, voc_template):
 def test_both_head_layouts_train_and_evaluate_with_the_teacher(pseudo_dir, tmp_path, aux_head):
     voc_root, pseudo, _ = pseudo_dir
     out = str(tmp_path / "stage")
-    result = run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo,
-                        "--aux-head", aux_head, *TINY_MULTITASK, "--out", out)
+    result = run_script("stage3_multitask.py", "--pseudo", pseudo, "--aux-head", aux_head, *TINY_MULTITASK, "--out", out)
     assert "L_sup" in result.stdout and "L_con" in result.stdout and "L_aux" in result.stdout
     assert f"teacher's auxiliary head ({aux_head})" in result.stdout
-    checkpoint = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    checkpoint, _ = common.load_checkpoint(out)
     assert checkpoint["step"] == 2 and checkpoint["args"]["aux_head"] == aux_head
     assert any(k.startswith("aux_last_stage.") for k in checkpoint["teacher"]) == (aux_head == "separate")
     metrics = json.load(open(os.path.join(out, "metrics.json")))
@@ -47,10 +47,10 @@ def test_both_head_layouts_train_and_evaluate_with_the_teacher(pseudo_dir, tmp_p
 def test_init_from_a_stage1_checkpoint(pseudo_dir, tmp_path):
     voc_root, pseudo, stage1 = pseudo_dir
     out = str(tmp_path / "stage")
-    run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo, *TINY_MULTITASK,
+    run_script("stage3_multitask.py", "--data-root", voc_root, "--pseudo", pseudo, *TINY_MULTITASK,
                "--iters", 1, "--init", stage1, "--out", out, "--lr", 1e-9)
-    student = common.load_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
-    initial = common.load_checkpoint(stage1)["model"]
+    student = common.load_checkpoint(out)[0]["model"]
+    initial = common.load_checkpoint(stage1)[0]["model"]
     for key, value in initial.items():  # barely moved from the initial weights (lr 1e-9)
         if value.is_floating_point() and "running" not in key:
             assert torch.allclose(student[key], value, atol=1e-6), key
@@ -61,28 +61,29 @@ def test_init_from_a_stage1_checkpoint(pseudo_dir, tmp_path):
 def test_init_from_a_multitask_checkpoint_takes_its_teacher_and_not_its_aux_head(pseudo_dir, tmp_path):
     voc_root, pseudo, _ = pseudo_dir
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
-    run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo, *TINY_MULTITASK,
-               "--aux-head", "separate", "--out", first)
-    run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", pseudo, *TINY_MULTITASK,
-               "--aux-head", "shared", "--iters", 1, "--lr", 1e-9, "--init", os.path.join(first, "checkpoint.pt"), "--out", second)
-    teacher = common.load_checkpoint(os.path.join(first, "checkpoint.pt"))["teacher"]
-    student = common.load_checkpoint(os.path.join(second, "checkpoint.pt"))["model"]
+    run_script("stage3_multitask.py", "--pseudo", pseudo, *TINY_MULTITASK, "--aux-head", "separate", "--out", first)
+    run_script("stage3_multitask.py", "--pseudo", pseudo, *TINY_MULTITASK, "--aux-head", "shared", "--iters", 1,
+               "--lr", 1e-9, "--init", first, "--out", second)  # a run folder stands for its checkpoint
+    teacher = common.load_checkpoint(first)[0]["teacher"]
+    student = common.load_checkpoint(second)[0]["model"]
     assert not any(k.startswith("aux_last_stage.") for k in student)
     for key, value in teacher.items():
         if value.is_floating_point() and "running" not in key and not key.startswith("aux"):
             assert torch.allclose(student[key], value, atol=1e-6), key
 
 
-def test_missing_pseudo_masks_are_counted_and_named(pseudo_dir, tmp_path):
+def test_missing_pseudo_masks_are_counted_and_a_folder_of_pngs_is_not_taken(pseudo_dir, tmp_path):
     voc_root, pseudo, _ = pseudo_dir
-    partial = tmp_path / "partial"
-    partial.mkdir()
-    for image_id in TRAIN_IDS[3:]:
-        (partial / f"{image_id}.png").write_bytes(open(os.path.join(pseudo, f"{image_id}.png"), "rb").read())
-    result = run_script("stage3_multitask.py", "--data-root", voc_root, "--labeled", 4, "--pseudo", partial,
-                        *TINY_MULTITASK, "--out", tmp_path / "stage", check=False)
-    assert_user_error(result, f"lacks the pseudo-masks of 3 of {len(TRAIN_IDS)} training images", TRAIN_IDS[0])
+    partial = shutil.copytree(pseudo, tmp_path / "partial")
+    for image_id in TRAIN_IDS[:3]:
+        os.remove(partial / f"{image_id}.png")
+    result = run_script("stage3_multitask.py", "--pseudo", partial, *TINY_MULTITASK, "--out", tmp_path / "stage", check=False)
+    assert_user_error(result, f"is unfinished (3 of {len(TRAIN_IDS)} pseudo-masks missing)", "stage2_pseudolabel.py")
     assert not os.path.exists(tmp_path / "stage" / "checkpoint.pt")
+    os.remove(partial / "run.json")  # PNGs of unknown origin: which data, which split?
+    result = run_script("stage3_multitask.py", "--pseudo", partial, "--data-root", voc_root, *TINY_MULTITASK,
+                        "--out", tmp_path / "stage", check=False)
+    assert_user_error(result, "is not a folder of stage2_pseudolabel.py's pseudo-masks")
 
 
 def make_batch(seed, n_l=2, n_u=3, size=16, classes=3):
@@ -218,7 +219,7 @@ def test_strong_augment_draws_three_of_the_fourteen_operations_and_cutout():
 
 def test_strong_view_dataset_moves_the_mask_with_the_image(voc_template):
     # The true masks stand in for pseudo-masks here: they have several classes and a 255 border.
-    images = common.true_mask_dataset(common.describe_dataset(voc_template), TRAIN_IDS)
+    images = common.SegmentationDataset(common.describe_dataset(voc_template), TRAIN_IDS)
     dataset = stage3_multitask.StrongViewDataset(images, common.weak_augment((24, 24), (1.0, 1.0)))
     for index in range(len(TRAIN_IDS)):
         common.random.seed(index)

@@ -1,7 +1,9 @@
-"""run_pipeline.sh: the whole chain, its summary and picture, skipping finished steps, resuming,
-and never reusing or overwriting a step made by another recipe."""
+"""run_pipeline.sh: the chain of the six commands (and the controls), printed as it runs; a rerun
+skips finished steps and continues an interrupted one; a step made another way is refused by the
+script that would overwrite it, never overwritten."""
 import json
 import os
+import shlex
 import shutil
 import subprocess
 
@@ -12,11 +14,10 @@ from conftest import ROOT
 TINY = "--backbone tiny_unet --no-pretrained --crop-size 24 --iters 2 --workers 0 --device cpu"
 
 
-def pipeline(data, out, *, extra=TINY, stage1_extra="--strong-aug --epochs 2", here=ROOT, check=True, **env):
+def pipeline(data, out, *, extra=TINY, stage1_extra="--strong-aug --epochs 2", check=True, **env):
     """run_pipeline.sh DATA 4 OUT; every test's stage 1 has the finished run's flags (EXTRA's --iters wins)."""
-    result = subprocess.run(["bash", os.path.join(here, "run_pipeline.sh"), data, "4", out], capture_output=True,
-                            text=True, env={**os.environ, "EXTRA": extra, "STAGE1_EXTRA": stage1_extra, **env},
-                            timeout=900)
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_pipeline.sh"), data, "4", out], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "EXTRA": extra, "STAGE1_EXTRA": stage1_extra, **env}, timeout=900)
     if check:
         assert result.returncode == 0, result.stdout + result.stderr
     return result
@@ -31,83 +32,66 @@ def finished(voc_template, tmp_path_factory):
 
 
 def copy_of(finished, tmp_path):
-    """A copy of the finished run that a test may change (recipes are relative to their folder)."""
     return shutil.copytree(finished[1], str(tmp_path / "run"))
 
 
-def test_the_chain_writes_a_summary_a_picture_and_every_step(finished):
+def commands(stdout):
+    """The commands the pipeline printed, as argument lists."""
+    return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+def test_the_chain_prints_its_commands_and_writes_every_step(finished):
     voc_root, out, stdout = finished
-    assert "done, skipped" not in stdout
+    ran = commands(stdout)
+    assert [c[1] for c in ran] == ["stage1_train.py", "stage2_pseudolabel.py", "stage3_multitask.py", "stage2_pseudolabel.py",
+                                   "stage3_multitask.py", "stage2_pseudolabel.py", "stage1_train.py", "stage1_train.py",
+                                   "evaluate.py"]
+    assert ran[0][:8] == ["python", "stage1_train.py", "--data-root", voc_root, "--labeled", "4", "--split-seed", "0"]
+    assert ran[2][ran[2].index("--pseudo") + 1] == f"{out}/pseudo1" and ran[2][ran[2].index("--aux-head") + 1] == "separate"
+    previous = ran[5].index("--previous")
+    assert ran[5][previous + 1:previous + 3] == [f"{out}/pseudo1", f"{out}/pseudo2"]
+    for step, script in [("stage1", "stage1_train.py"), ("pseudo1", "stage2_pseudolabel.py"), ("stage2", "stage3_multitask.py"),
+                         ("pseudo3", "stage2_pseudolabel.py"), ("control", "stage1_train.py"), ("control_strong", "stage1_train.py")]:
+        assert json.load(open(os.path.join(out, step, "run.json")))["script"] == script
     summary = json.load(open(os.path.join(out, "summary.json")))
-    assert set(summary["val_miou"]) == {"stage1", "stage2", "stage3", "control", "control_strong"}
-    assert set(summary["gain_over"]) == {"stage1", "control", "control_strong"}
-    assert summary["gain_over"]["control"] == pytest.approx(summary["val_miou"]["stage3"] - summary["val_miou"]["control"])
-    assert set(summary["pseudo_miou"]) == {"round1", "round2", "round3"}
-    assert os.path.getsize(os.path.join(out, "rounds.png")) > 1000
-    for step in ["stage1", "pseudo1", "stage2", "pseudo2", "stage3", "pseudo3", "control", "control_strong"]:
-        assert os.path.exists(os.path.join(out, "recipes", f"{step}.json")), step
-    stage1, plain, strong = (json.load(open(os.path.join(out, "recipes", f"{c}.json")))["flags"]
-                             for c in ["stage1", "control", "control_strong"])
-    # The controls run as long as the three stages together: the paper's stage 1 recipe (without S,
-    # though the method's stage 1 had it), and the same with S.
-    assert plain["--iters"] == strong["--iters"] == ["6"] and "--strong-aug" in stage1
-    assert "--strong-aug" not in plain and "--strong-aug" in strong
-    # Stage 1's own length is left out of the controls', which is the sum of the stages'.
-    assert "--epochs" in stage1 and "--epochs" not in plain and "--epochs" not in strong
+    assert set(summary["compare"]) == {"stage1", "control", "control_strong"}
+    for name, r in summary["compare"].items():
+        assert r["miou"] == pytest.approx(json.load(open(os.path.join(out, name, "metrics.json")))["miou"])
+        assert r["gain"] == pytest.approx(summary["miou"] - r["miou"])
+    assert os.path.getsize(os.path.join(out, "pseudo3", "preview.png")) > 1000
+    assert "pseudo-masks of the unlabelled images" in stdout and f"{out}/pseudo3 (this round)" in stdout
 
 
-def test_a_rerun_skips_every_finished_step_and_resumes_an_interrupted_one(finished, tmp_path):
+def test_the_controls_are_as_long_as_the_three_stages_with_and_without_s(finished):
+    _, out, _ = finished
+    stage1, plain, strong = (json.load(open(os.path.join(out, s, "run.json")))["recipe"] for s in ["stage1", "control", "control_strong"])
+    steps = sum(json.load(open(os.path.join(out, s, "metrics.json")))["step"] for s in ["stage1", "stage2", "stage3"])
+    assert plain["iters"] == strong["iters"] == steps == 6
+    assert stage1["strong_aug"] and not plain["strong_aug"] and strong["strong_aug"]
+
+
+def test_a_rerun_skips_what_is_finished_and_continues_what_was_interrupted(finished, tmp_path):
     out = copy_of(finished, tmp_path)
-    stdout = pipeline(finished[0], out).stdout
-    for step in ["stage1", "pseudo1", "stage2", "pseudo2", "stage3", "pseudo3"]:
-        assert f"{os.path.join(out, step)}: done, skipped" in stdout
-    os.remove(os.path.join(out, "stage3", "metrics.json"))  # as if stopped before its end
-    stdout = pipeline(finished[0], out).stdout
-    assert "stage3_multitask.py -> " + os.path.join(out, "stage3") in stdout and "resuming" in stdout
+    os.remove(os.path.join(out, "stage3", "metrics.json"))  # as if stopped after its last checkpoint, before its end
+    # Running flags (workers, printing) are not part of a recipe.
+    stdout = pipeline(finished[0], out, extra=TINY.replace("--workers 0", "--workers 1") + " --print-every 7").stdout
+    for step in ["stage1", "stage2"]:
+        assert f"{os.path.join(out, step)} holds this run, finished (metrics.json): nothing to do" in stdout
+    assert f"continuing the run in {os.path.join(out, 'stage3')} from step 2" in stdout
+    assert "12 training images, 12 already done" in stdout
 
 
-def test_a_changed_flag_stops_before_its_step_and_overwrites_nothing(finished, tmp_path):
+def test_a_step_made_another_way_stops_the_rerun_and_is_not_overwritten(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     before = open(os.path.join(out, "stage1", "checkpoint.pt"), "rb").read()
     result = pipeline(finished[0], out, extra=TINY.replace("--iters 2", "--iters 3"), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
-        "error: step stage1 was made with --iters 2, this run asks for --iters 3; "
-        "use another OUT, or RESTART_FROM=stage1 to clear it and the steps after it")
+    assert result.stderr.strip() == (f"error: {out}/stage1 was made with --iters 2, this command asks for --iters 3; "
+                                     "use another --out, or the run's flags (or --resume) to continue it")
     assert open(os.path.join(out, "stage1", "checkpoint.pt"), "rb").read() == before
     result = pipeline(finished[0], out, stage1_extra="--epochs 2", check=False)
-    assert result.stderr.strip().startswith("error: step stage1 was made with --strong-aug, this run asks for absent;")
-    # Running flags (workers, printing, device) are not part of a recipe.
-    pipeline(finished[0], out, extra=TINY.replace("--workers 0", "--workers 1") + " --print-every 7")
-
-
-def test_changed_code_stops_the_rerun(finished, tmp_path):
-    out = copy_of(finished, tmp_path)
-    code = tmp_path / "code"
-    code.mkdir()
-    for name in os.listdir(ROOT):
-        if name.endswith((".py", ".sh")):
-            shutil.copy(os.path.join(ROOT, name), code / name)
-    with open(code / "common.py", "a") as f:
-        f.write("\n# a change\n")
-    result = pipeline(finished[0], out, here=str(code), check=False)
-    assert result.returncode != 0
-    assert result.stderr.strip().startswith("error: step stage1 was made by another version of common.py")
-
-
-def test_restart_from_clears_that_step_and_the_ones_after(finished, tmp_path):
-    out = copy_of(finished, tmp_path)
-    kept = os.path.getmtime(os.path.join(out, "stage3", "checkpoint.pt"))
-    stdout = pipeline(finished[0], out, RESTART_FROM="pseudo3").stdout
-    assert f"{os.path.join(out, 'stage3')}: done, skipped" in stdout
-    assert "stage2_pseudolabel.py -> " + os.path.join(out, "pseudo3") in stdout
-    assert os.path.getmtime(os.path.join(out, "stage3", "checkpoint.pt")) == kept
-    assert not os.path.exists(os.path.join(out, "control"))  # after pseudo3 in the order, so cleared
-    result = pipeline(finished[0], out, RESTART_FROM="stage9", check=False)
-    assert result.returncode != 0 and "RESTART_FROM=stage9 is not a step" in result.stderr
-    fresh = str(tmp_path / "fresh")  # a mistyped step on a new OUT leaves nothing behind
-    result = pipeline(finished[0], fresh, RESTART_FROM="stage9", check=False)
-    assert result.returncode != 0 and not os.path.exists(fresh)
+    assert result.stderr.strip().startswith(f"error: {out}/stage1 was made with --strong-aug True, this command asks for "
+                                            "--strong-aug False;")
 
 
 def test_a_step_made_outside_the_pipeline_is_not_taken_over(voc_template, tmp_path):
@@ -115,4 +99,21 @@ def test_a_step_made_outside_the_pipeline_is_not_taken_over(voc_template, tmp_pa
     (out / "stage1").mkdir(parents=True)
     (out / "stage1" / "checkpoint.pt").write_bytes(b"someone else's")
     result = pipeline(voc_template, str(out), check=False)
-    assert result.returncode != 0 and "exists but no recipe says how it was made" in result.stderr
+    assert result.returncode != 0 and "holds files that stage1_train.py did not write (checkpoint.pt" in result.stderr
+    assert (out / "stage1" / "checkpoint.pt").read_bytes() == b"someone else's"
+
+
+def test_the_chain_runs_on_your_own_data(tmp_path):
+    data = str(tmp_path / "mydata")
+    subprocess.run(["python", "make_demo_data.py", "--layout", "folder", "--out", data, "--train", "12", "--train-txt", "6",
+                    "--val", "3", "--size", "24"], cwd=ROOT, check=True, capture_output=True)
+    result = pipeline(data, str(tmp_path / "run"), stage1_extra="--batch-size 2")
+    assert result.stdout.splitlines()[1].startswith(f"folder data in {data}: 12 training images (6 with a mask), 3 val images")
+    assert json.load(open(tmp_path / "run" / "summary.json"))["compare"]["stage1"]["miou"] >= 0
+
+
+def test_help_and_bad_arguments():
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_pipeline.sh"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "CONTROL=1" in result.stdout and result.stdout.startswith("The whole method")
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_pipeline.sh"), "only-one"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: give no arguments (the demo) or DATA_ROOT LABELED")

@@ -2,10 +2,12 @@
 import argparse
 import json
 import os
+import time
 
 import pytest
 import torch
 
+import benchmark
 import common
 import stage1_train
 import stage3_multitask
@@ -27,7 +29,8 @@ def train_stage1(options, steps=3):
     net = common.prepare_model(model, args, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
-        images = common.to_device(torch.randn(2, 3, 16, 16, generator=g), torch.device("cpu"), args.channels_last)
+        images = torch.randn(2, 3, 16, 16, generator=g)
+        images = images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
         masks = torch.randint(0, 4, (2, 16, 16), generator=g)
         stage1_train.train_one_step(net, images, masks, optimizer, scheduler, False)
     return model.state_dict()
@@ -44,7 +47,8 @@ def train_multitask(options, steps=3):
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         def image(n):
-            return common.to_device(torch.randn(n, 3, 16, 16, generator=g), torch.device("cpu"), args.channels_last)
+            images = torch.randn(n, 3, 16, 16, generator=g)
+            return images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
         labeled = (image(1), torch.randint(0, 4, (1, 16, 16), generator=g), torch.randint(0, 4, (1, 16, 16), generator=g))
         unlabeled = (image(2), image(2), torch.randint(0, 4, (2, 16, 16), generator=g), torch.arange(256).view(16, 16).repeat(2, 1, 1))
         stage3_multitask.train_one_step(net, teacher, labeled, unlabeled, optimizer, scheduler, decay, args)
@@ -72,16 +76,48 @@ def test_compile_changes_nothing_but_rounding():
     assert_close(train_stage1({}, steps=2), train_stage1({"compile": True}, steps=2))
 
 
-def test_benchmark_runs_on_the_cpu_and_projects_the_pipeline(tmp_path):
+def test_benchmark_runs_on_the_cpu_in_a_steady_state_and_projects_the_pipeline(tmp_path):
     report_path = str(tmp_path / "bench.json")
-    result = run_script("benchmark.py", "--device", "cpu", "--backbone", "tiny_unet", "--shrink", 16, "--steps", 1,
-                        "--warmup", 0, "--loader-images", 6, "--workers", 0, "--json", report_path)
+    result = run_script("benchmark.py", "--device", "cpu", "--backbone", "tiny_unet", "--shrink", 16, "--steps", 2,
+                        "--repeats", 3, "--min-warmup", 2, "--max-warmup", 6, "--loader-images", 6, "--workers", 0, "--json", report_path)
     report = json.load(open(report_path))
     cases = {(r["dataset"], r["case"]) for r in report["cases"]}
     assert cases == {(d, c) for d in ["voc", "cityscapes"] for c in ["stage 1", "multi-task, ĝ", "multi-task, g̃", "pseudo-labels / eval"]}
     for r in report["cases"]:
         assert r["steps_per_s"] > 0 and r["tflop_per_step"] > 0 and r["images_per_s"] == pytest.approx(r["steps_per_s"] * r["images_per_step"])
+        low, high = r["steps_per_s_range"]
+        assert low <= r["steps_per_s"] <= high and 2 <= r["warmup_steps"] <= 6  # the median of the repeats, and their spread
     assert set(report["loaders"]["voc"]) == {"stage 1", "multi-task (weak + S)", "pseudo-labels / eval"}
     projection = report["projection"]["voc"]
     assert projection["total_hours"] == pytest.approx(sum(projection["hours"].values())) and projection["total_hours"] > 0
     assert "projected voc pipeline at its default lengths" in result.stdout and "TFLOP/step" in result.stdout
+
+
+def test_warm_up_lasts_until_the_step_time_settles():
+    """A step that is slow for its first calls (as compiled code is) is warmed up until it is not."""
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.02 if len(calls) <= 12 else 0.002)
+    args = argparse.Namespace(steps=3, repeats=3, min_warmup=13, max_warmup=60)
+    median, slowest, fastest, warmup = benchmark.time_steps(step, args, torch.device("cpu"))
+    assert warmup == 18 and slowest < 0.005  # the slow calls are all in the warm-up: it ends once the speed settles
+    calls.clear()
+    args.min_warmup = 3  # too short a minimum: the two slow blocks look settled, and the slow calls are timed
+    assert benchmark.time_steps(step, args, torch.device("cpu"))[1] > 0.005
+    calls.clear()
+    assert benchmark.time_steps(step, args, torch.device("cpu"), compiled=True)[3] == 51  # compiled: 50 at least...
+    args.max_warmup = 6
+    calls.clear()
+    assert benchmark.time_steps(step, args, torch.device("cpu"), compiled=True)[3] == 6  # ...but never past the cap
+
+
+def test_benchmark_runs_the_scripts_end_to_end(tmp_path):
+    report_path = str(tmp_path / "bench.json")
+    run_script("benchmark.py", "--scripts", "--device", "cpu", "--backbone", "tiny_unet", "--shrink", 16, "--train-images", 10,
+               "--script-steps", 3, "--steps", 1, "--repeats", 2, "--max-warmup", 2, "--workers", 0, "--json", report_path)
+    scripts = {s["script"]: s for s in json.load(open(report_path))["scripts"]}
+    assert list(scripts) == ["stage1_train.py", "stage2_pseudolabel.py", "stage3_multitask.py", "evaluate.py"]
+    assert scripts["stage2_pseudolabel.py"]["length"] == 10 and scripts["stage2_pseudolabel.py"]["rate"] > 0
+    assert scripts["stage1_train.py"]["ratio"] == pytest.approx(scripts["stage1_train.py"]["rate"] / scripts["stage1_train.py"]["benchmark_rate"])
