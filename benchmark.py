@@ -418,6 +418,7 @@ def main(argv=None):
     args = get_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = common.init_distributed_mode(args)
+    common.check_result_file(args.json, "--json", "benchmark.py")
     torch.manual_seed(0)
     if args.scripts:  # the cases the scripts run, at their precision and layout
         precision = "bf16" if args.amp and device.type == "cuda" else "fp32"
@@ -441,7 +442,7 @@ def main(argv=None):
                 count = args.loader_images if dataset == "voc" else max(3, args.loader_images // 3)  # 2048x1024 PNGs are slow to write
                 root = write_images(os.path.join(folder, dataset), dataset, count, shrunk(DATASETS[dataset], args)["image"])
                 loaders[dataset] = time_loaders(args, dataset, root)
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    report = {"written_by": "benchmark.py", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "torchvision": __import__("torchvision").__version__, "backbone": args.backbone,
               "shrink": args.shrink, "workers": args.workers, "cases": results, "loaders": loaders,
               "projection": {} if args.scripts else {dataset: project(results, loaders, dataset) for dataset in args.datasets}}

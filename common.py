@@ -97,7 +97,10 @@ def open_output(folder, flag, script, reads=()):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder")
     if os.path.isfile(os.path.join(folder, RECORD)):
-        record = json.loads(Path(folder, RECORD).read_text())
+        try:
+            record = json.loads(Path(folder, RECORD).read_text())
+        except ValueError:
+            raise UserError(f"{flag} {folder}: its {RECORD} is damaged; choose another folder") from None
         if record.get("script") != script:
             raise UserError(f"{flag} {folder} holds the outputs of {record.get('script')}; choose another folder")
         return record
@@ -115,6 +118,25 @@ def write_record(folder, flag, record):
         write_json(os.path.join(folder, RECORD), record)
     except OSError as e:
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror}); choose another folder") from None
+
+
+def check_result_file(path, flag, script, reads=()):
+    """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command
+    reads; writable, which is checked now rather than after the long pass that makes it."""
+    if os.path.isdir(path) or any(is_inside(path, folder) for folder in reads):
+        raise UserError(f"{flag} {path} is a folder, or inside the data it reads; choose another file")
+    try:
+        ours = json.loads(Path(path).read_text()).get("written_by") == script if os.path.exists(path) else True
+    except (ValueError, AttributeError, OSError):
+        ours = False
+    if not ours:
+        raise UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        write_text(f"{path}.tmp{os.getpid()}", "")
+        os.remove(f"{path}.tmp{os.getpid()}")
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written ({e.strerror}); choose another file") from None
 
 
 def check_same_recipe(recorded, recipe, folder, advice):
@@ -335,7 +357,8 @@ def own_data(root, flag):
         val_ids = sorted({image_id_of(line, images) for line in read_lines(os.path.join(root, "val.txt"))})
         for image_id in val_ids:
             if image_id not in masks:
-                raise UserError(f"{root}/val.txt lists {image_id}, which has no mask in masks/ (a val image needs one)")
+                what = "has no mask in masks/ (a val image needs one)" if image_id in images else "is no image in images/"
+                raise UserError(f"{root}/val.txt lists {image_id}, which {what}")
         notes.append(f"val: the {len(val_ids)} images of val.txt")
     else:
         val_ids = sorted(random.Random(0).sample(sorted(masks), max(1, len(masks) // 5)))
@@ -392,9 +415,10 @@ def colour_palette(colours=None):
 
 
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
-    """The files under a folder (any depth) whose names end in one of `extensions`, sorted."""
+    """The files under a folder (any depth) whose names end in one of `extensions`, sorted; hidden
+    files (.DS_Store, ._photo.jpg) left out."""
     return sorted(os.path.join(path, name) for path, _, names in os.walk(folder) for name in names
-                  if name.lower().endswith(extensions))
+                  if name.lower().endswith(extensions) and not name.startswith("."))
 
 
 def image_id_of(line, images):
@@ -891,6 +915,8 @@ def start_run(parser, args, argv, script, reads=(), inputs=None):
     recipe = {**{k: v for k, v in flags.items() if k not in RUNNING_FLAGS}, "data_root": os.path.realpath(args.data_root),
               **(inputs(args) if inputs else {})}
     device = init_distributed_mode(args)
+    if args.channels_last is None:  # the tensor cores' layout, on by default on a GPU
+        args.channels_last = device.type == "cuda"
     description = describe_dataset(args.data_root)
     checkpoint = None
     if record is not None and os.path.exists(os.path.join(args.out, "checkpoint.pt")):  # else it just starts again

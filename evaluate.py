@@ -22,7 +22,6 @@ image that cannot be read or predicted is named and skipped, and the exit status
 """
 import argparse
 import collections
-import json
 import os
 import sys
 
@@ -168,29 +167,6 @@ def claim_save_dir(args, checkpoint_path, source):
                                                           "checkpoint": os.path.abspath(checkpoint_path)})
 
 
-def check_json(path, reads):
-    """--json: a new file, or one evaluate.py wrote; never inside the data; writable, checked now
-    rather than after the whole val pass."""
-    if any(common.is_inside(path, folder) for folder in reads):
-        raise common.UserError(f"--json {path} is inside the data it evaluates; choose a file outside it")
-    if os.path.isdir(path):
-        raise common.UserError(f"--json {path} is a folder, not a file")
-    if os.path.exists(path):
-        try:
-            ours = json.loads(open(path).read()).get("written_by") == "evaluate.py"
-        except (ValueError, AttributeError, OSError):
-            ours = False
-        if not ours:
-            raise common.UserError(f"--json {path} exists and was not written by evaluate.py; choose another file")
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(f"{path}.tmp{os.getpid()}", "w"):
-            pass
-        os.remove(f"{path}.tmp{os.getpid()}")
-    except OSError as e:
-        raise common.UserError(f"--json {path} cannot be written ({e.strerror}); choose another file") from None
-
-
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
@@ -216,7 +192,7 @@ def main(argv=None):
             raise common.UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} has "
                                    f"{len(description.class_names)}; is it the right --data-root?")
     if args.json:
-        check_json(args.json, [description.root])
+        common.check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])
     if args.save_dir:
         claim_save_dir(args, path, description.root)
     confusion = evaluate_val(model, description, args, device, scale, save=bool(args.save_dir))

@@ -131,6 +131,9 @@ def train_one_step(model, images, masks, optimizer, scheduler, amp):
 
 def main(argv=None):
     parser, args = get_args(argv)
+    for flag, value in [("--batch-size", args.batch_size), ("--labeled", args.labeled)]:
+        if value is not None and value < 1:
+            raise common.UserError(f"{flag} {value}: it must be at least 1")
     run = common.start_run(parser, args, argv, "stage1_train.py")
     if run is None:
         return

@@ -213,15 +213,15 @@ def main(argv=None):
     parser, args = get_args(argv)
     if args.pseudo is None and not args.resume:
         raise common.UserError("give --pseudo DIR, the pseudo-masks of the previous round (stage2_pseudolabel.py's --out)")
+    if min(args.batch_labeled, args.batch_unlabeled) < 1 or args.w_sup < 0 or args.w_con < 0 or not 0 <= (args.ema_decay or 0) < 1:
+        raise common.UserError("--batch-labeled and --batch-unlabeled must be at least 1, --w-sup and --w-con at least 0, "
+                               "--ema-decay in [0, 1)")
     if args.pseudo and args.data_root is None:  # the data the pseudo-masks were made on
         args.data_root = read_pseudo(args.pseudo)["recipe"]["data_root"]
     run = common.start_run(parser, args, argv, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
     if run is None:
         return
     args, description, device, checkpoint = run
-    if min(args.batch_labeled, args.batch_unlabeled) < 1 or args.w_sup < 0 or args.w_con < 0 or not 0 <= (args.ema_decay or 0) < 1:
-        raise common.UserError("--batch-labeled and --batch-unlabeled must be at least 1, --w-sup and --w-con at least 0, "
-                               "--ema-decay in [0, 1)")
     if (args.batch_labeled + (args.batch_unlabeled if args.w_con else 0)) < args.world_size * (1 if args.backbone == "tiny_unet" else 2):
         raise common.UserError("DeepLabv3's image pooling normalises over the batch: give each process at least 2 images "
                                "a step (--batch-labeled + --batch-unlabeled)")

@@ -72,6 +72,13 @@ def test_init_from_a_multitask_checkpoint_takes_its_teacher_and_not_its_aux_head
             assert torch.allclose(student[key], value, atol=1e-6), key
 
 
+def test_init_of_another_backbone_names_both(pseudo_dir, tmp_path):
+    _, pseudo, stage1 = pseudo_dir
+    result = run_script("stage3_multitask.py", "--pseudo", pseudo, *TINY_MULTITASK, "--backbone", "resnet50",
+                        "--batch-unlabeled", 3, "--init", stage1, "--out", tmp_path / "stage", check=False)
+    assert_user_error(result, f"--init {stage1} is a tiny_unet model of 21 classes; this run is a resnet50 model of 21 classes")
+
+
 def test_missing_pseudo_masks_are_counted_and_a_folder_of_pngs_is_not_taken(pseudo_dir, tmp_path):
     voc_root, pseudo, _ = pseudo_dir
     partial = shutil.copytree(pseudo, tmp_path / "partial")

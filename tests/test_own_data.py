@@ -82,6 +82,18 @@ def test_val_txt_chooses_the_val_images(own_root):
         f.write("shoot1/img07\n")
     with pytest.raises(common.UserError, match="val.txt lists shoot1/img07, which has no mask"):
         common.describe_dataset(own_root)
+    with open(os.path.join(own_root, "val.txt"), "w") as f:
+        f.write("img0\n")  # a typo
+    with pytest.raises(common.UserError, match="val.txt lists img0, which is no image in images/"):
+        common.describe_dataset(own_root)
+
+
+def test_hidden_files_are_left_alone(own_root):
+    """What a desktop leaves in folders (.DS_Store, macOS's ._ files) is neither an image nor a mask."""
+    for path in ["images/._img00.jpg", "masks/.DS_Store", "images/shoot1/.thumbnail.png"]:
+        with open(os.path.join(own_root, path), "wb") as f:
+            f.write(b"not an image")
+    assert len(common.describe_dataset(own_root).images) == 10
 
 
 @pytest.mark.parametrize("form,classes_txt", [

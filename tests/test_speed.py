@@ -11,7 +11,7 @@ import benchmark
 import common
 import stage1_train
 import stage3_multitask
-from conftest import run_script
+from conftest import assert_user_error, run_script
 
 
 def flags(**kw):
@@ -91,6 +91,11 @@ def test_benchmark_runs_on_the_cpu_in_a_steady_state_and_projects_the_pipeline(t
     projection = report["projection"]["voc"]
     assert projection["total_hours"] == pytest.approx(sum(projection["hours"].values())) and projection["total_hours"] > 0
     assert "projected voc pipeline at its default lengths" in result.stdout and "TFLOP/step" in result.stdout
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"my": "results"}')
+    result = run_script("benchmark.py", "--device", "cpu", "--json", mine, check=False)
+    assert_user_error(result, f"--json {mine} exists and was not written by benchmark.py")
+    assert mine.read_text() == '{"my": "results"}'
 
 
 def test_warm_up_lasts_until_the_step_time_settles():
