@@ -97,17 +97,23 @@ def open_output(folder, flag, script, reads=()):
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder")
     if os.path.isfile(os.path.join(folder, RECORD)):
-        try:
-            record = json.loads(Path(folder, RECORD).read_text())
-        except ValueError:
-            raise UserError(f"{flag} {folder}: its {RECORD} is damaged; choose another folder") from None
-        if record.get("script") != script:
-            raise UserError(f"{flag} {folder} holds the outputs of {record.get('script')}; choose another folder")
-        return record
+        return read_record(folder, flag, script)
     if os.path.isdir(folder) and os.listdir(folder):
         raise UserError(f"{flag} {folder} holds files that {script} did not write ({sorted(os.listdir(folder))[0]}, "
                         "...); choose a new or empty folder")
     return None
+
+
+def read_record(folder, flag, script):
+    """The record (run.json) of a folder that `script` wrote; anything else is one line."""
+    try:
+        record = json.loads(Path(folder, RECORD).read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("script") != script:
+        raise UserError(f"{flag} {folder} holds no outputs of {script} (its {RECORD} is missing, damaged or another "
+                        "script's); choose another folder")
+    return record
 
 
 def write_record(folder, flag, record):
@@ -186,8 +192,9 @@ def load_checkpoint(path, flag="--checkpoint"):
     return checkpoint, path
 
 
-def model_from_checkpoint(checkpoint, path):
-    """Rebuild the model a checkpoint was trained with, with the mean teacher's weights where it has one."""
+def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
+    """The model a checkpoint was trained with (the mean teacher's weights where it has one), ready to
+    predict: on the device in eval mode, channels-last on a GPU (the tensor cores' layout)."""
     args = checkpoint["args"]
     model = build_model(args["backbone"], len(checkpoint["class_names"]), weights="none", aux_head=args.get("aux_head"))
     try:
@@ -195,7 +202,8 @@ def model_from_checkpoint(checkpoint, path):
     except RuntimeError:
         raise UserError(f"{path}: its weights do not fit a {args['backbone']} model with {len(checkpoint['class_names'])} "
                         "classes; the checkpoint is damaged or from another version") from None
-    return model
+    model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
 
 
 # ============================================================================= devices and processes
@@ -815,7 +823,8 @@ def evaluate(model, loader, device, num_classes, scale=1.0, amp=False, head=0):
     model.eval()
     confusion = ConfusionMatrix(num_classes)
     for images, masks, _ in loader:
-        confusion.update(masks.to(device), predict(model, images_to_device(images, device), scale, amp, head).argmax(1))
+        images = images_to_device(images, device, channels_last=device.type == "cuda")
+        confusion.update(masks.to(device), predict(model, images, scale, amp, head).argmax(1))
     confusion.matrix = sum_over_processes(confusion.matrix)
     model.train(was_training)
     return confusion

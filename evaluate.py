@@ -110,7 +110,7 @@ def evaluate_val(model, description, args, device, scale, save=False):
     loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, scale * min(args.scales))
     confusion = common.ConfusionMatrix(len(description.class_names))
     for images, masks, indices in loader:
-        predictions = predict(model, common.images_to_device(images, device), args, scale).argmax(1)
+        predictions = predict(model, common.images_to_device(images, device, device.type == "cuda"), args, scale).argmax(1)
         confusion.update(masks.to(device), predictions)
         for index, prediction in zip(indices.tolist(), predictions.cpu().numpy() if save else []):
             path = os.path.join(args.save_dir, f"{dataset.ids[index]}.png")
@@ -137,7 +137,8 @@ def predict_images(model, args, device, scale, palette):
             if min(image.shape[-2:]) * scale * min(args.scales) < common.MIN_SIDE:
                 raise common.UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model "
                                        f"(at least {common.MIN_SIDE} pixels a side at scale {scale * min(args.scales):g})")
-            prediction = predict(model, common.images_to_device(image[None], device), args, scale).argmax(1)[0].cpu()
+            prediction = predict(model, common.images_to_device(image[None], device, device.type == "cuda"), args,
+                                 scale).argmax(1)[0].cpu()
         except common.UserError as e:
             print(f"skipped: {e}", file=sys.stderr, flush=True)
             skipped += 1
@@ -173,7 +174,7 @@ def main(argv=None):
     check_args(args)
     device = common.init_distributed_mode(args)
     checkpoint, path = common.load_checkpoint(args.checkpoint)
-    model = common.model_from_checkpoint(checkpoint, path).to(device).eval()
+    model = common.model_from_checkpoint(checkpoint, path, device)
     scale = checkpoint["args"].get("image_scale", 1.0)
     which = f"{path} ({'teacher' if 'teacher' in checkpoint else 'model'}, step {checkpoint['step']})"
 
@@ -200,7 +201,7 @@ def main(argv=None):
     result = {"written_by": "evaluate.py", "checkpoint": os.path.abspath(path), "step": checkpoint["step"],
               **confusion.report(description.class_names), "compare": {}}
     for other, other_path in others:
-        miou = evaluate_val(common.model_from_checkpoint(other, other_path).to(device).eval(), description, args, device,
+        miou = evaluate_val(common.model_from_checkpoint(other, other_path, device), description, args, device,
                             other["args"].get("image_scale", 1.0)).miou()
         name = os.path.basename(os.path.dirname(os.path.abspath(other_path)))
         result["compare"][name if name not in result["compare"] else other_path] = {

@@ -198,10 +198,9 @@ def write_preview(path, description, ids, rounds, confidence_dir=None):
 
 def read_round(folder, labeled, data_root):
     """The unlabelled images' figures of an earlier round, which must be of the same split and data."""
-    path = os.path.join(folder, common.RECORD)
-    record = json.loads(open(path).read()) if os.path.isfile(path) else {}
-    if record.get("script") != SCRIPT or not os.path.exists(os.path.join(folder, "stats.json")):
-        raise common.UserError(f"--previous {folder} is not a finished folder of {SCRIPT}'s pseudo-masks")
+    record = common.read_record(folder, "--previous", SCRIPT)
+    if not os.path.exists(os.path.join(folder, "stats.json")):
+        raise common.UserError(f"--previous {folder} is unfinished: run the {SCRIPT} command that made it again")
     if record["recipe"]["data_root"] != data_root or common.read_lines(os.path.join(folder, "labeled.txt")) != sorted(labeled):
         raise common.UserError(f"--previous {folder} was made on other data or another split than --checkpoint's")
     return json.loads(open(os.path.join(folder, "stats.json")).read())["unlabeled"]
@@ -263,7 +262,7 @@ def main(argv=None):
     print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "
           f"labelling with the {'teacher' if 'teacher' in checkpoint else 'model'} of {checkpoint_path} (step {checkpoint['step']})")
 
-    model = common.model_from_checkpoint(checkpoint, checkpoint_path).to(device).eval()
+    model = common.model_from_checkpoint(checkpoint, checkpoint_path, device)
     ego = ego_vehicle_region(description, labeled)
     image_scale = checkpoint["args"].get("image_scale", 1.0)
 
@@ -285,7 +284,7 @@ def main(argv=None):
     with concurrent.futures.ThreadPoolExecutor(threads) as writers:  # PNG encoding and writing overlap the model
         pending = collections.deque()
         for images, masks, indices in loader:
-            probs = common.predict(model, common.images_to_device(images, device), image_scale, args.amp)
+            probs = common.predict(model, common.images_to_device(images, device, device.type == "cuda"), image_scale, args.amp)
             region = ego.to(device) if ego is not None and ego.shape == masks.shape[-2:] else None
             predictions, max_prob, rows = batch_stats(probs, masks.to(device), len(class_names), region)
             predictions, rows = predictions.byte().cpu().numpy(), rows.cpu().numpy()  # the batch read back at once

@@ -22,7 +22,6 @@ Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teache
 also the auxiliary head's val mIoU). The same command again continues an interrupted run.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -61,12 +60,7 @@ def get_args(argv=None):
 
 def read_pseudo(folder):
     """The record of a folder of pseudo-masks (stage2_pseudolabel.py's --out)."""
-    path = os.path.join(folder, common.RECORD)
-    record = json.loads(open(path).read()) if os.path.isfile(path) else {}
-    if record.get("script") != "stage2_pseudolabel.py":
-        raise common.UserError(f"--pseudo {folder} is not a folder of stage2_pseudolabel.py's pseudo-masks (no {path}); "
-                               "write them with stage2_pseudolabel.py")
-    return record
+    return common.read_record(folder, "--pseudo", "stage2_pseudolabel.py")
 
 
 def inputs(args):

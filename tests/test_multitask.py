@@ -90,7 +90,7 @@ def test_missing_pseudo_masks_are_counted_and_a_folder_of_pngs_is_not_taken(pseu
     os.remove(partial / "run.json")  # PNGs of unknown origin: which data, which split?
     result = run_script("stage3_multitask.py", "--pseudo", partial, "--data-root", voc_root, *TINY_MULTITASK,
                         "--out", tmp_path / "stage", check=False)
-    assert_user_error(result, "is not a folder of stage2_pseudolabel.py's pseudo-masks")
+    assert_user_error(result, f"--pseudo {partial} holds no outputs of stage2_pseudolabel.py")
 
 
 def make_batch(seed, n_l=2, n_u=3, size=16, classes=3):

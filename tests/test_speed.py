@@ -1,7 +1,6 @@
 """The speed options change results only by floating-point noise, and benchmark.py runs and reports."""
 import argparse
 import json
-import os
 import time
 
 import pytest

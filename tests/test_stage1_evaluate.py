@@ -169,6 +169,16 @@ def test_an_unrelated_folder_is_refused_and_left_as_it_was(stage1_run, tmp_path,
     assert (mine / "labeled.txt").read_text() == "my own list\n" and (mine / "metrics.json").read_text() == '{"mine": true}\n'
 
 
+def test_another_scripts_folder_is_refused(stage1_run, tmp_path):
+    voc_root, out, _ = stage1_run
+    pseudo = tmp_path / "pseudo1"
+    run_script("stage2_pseudolabel.py", "--checkpoint", out, "--out", pseudo, "--workers", 0)
+    before = sorted(os.listdir(pseudo))
+    result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN, "--out", pseudo, check=False)
+    assert_user_error(result, f"--out {pseudo} holds no outputs of stage1_train.py")
+    assert sorted(os.listdir(pseudo)) == before
+
+
 @pytest.mark.parametrize("script", ["stage1_train.py", "evaluate.py"])
 def test_nothing_is_ever_written_into_the_data(stage1_run, script):
     voc_root, out, _ = stage1_run
