@@ -57,6 +57,9 @@ def run_main(main):
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
     except KeyboardInterrupt:
         sys.exit("interrupted: the same command again continues where it stopped")
+    finally:
+        if dist.is_initialized():  # under torchrun: left to the interpreter's exit, its threads may abort the process
+            dist.destroy_process_group()
 
 
 def atomic_write(path, write_fn):
