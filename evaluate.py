@@ -26,6 +26,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -163,9 +164,13 @@ def claim_save_dir(args, checkpoint_path, source):
     record = common.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=[source])
     if record is not None:
         common.check_same_recipe(record["recipe"], recipe, args.save_dir, "use another --save-dir")
+    if args.distributed:
+        dist.barrier()  # every process has looked at --save-dir before the first one writes there
     if common.is_main_process():
         common.write_record(args.save_dir, "--save-dir", {"script": "evaluate.py", "recipe": recipe,
                                                           "checkpoint": os.path.abspath(checkpoint_path)})
+    if args.distributed:
+        dist.barrier()
 
 
 @torch.no_grad()

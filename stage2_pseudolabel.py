@@ -264,6 +264,7 @@ def main(argv=None):
 
     model = common.model_from_checkpoint(checkpoint, checkpoint_path, device)
     ego = ego_vehicle_region(description, labeled)
+    ego = ego.to(device) if ego is not None else None
     image_scale = checkpoint["args"].get("image_scale", 1.0)
 
     def write(image_id, prediction, row, confidence):
@@ -285,7 +286,7 @@ def main(argv=None):
         pending = collections.deque()
         for images, masks, indices in loader:
             probs = common.predict(model, common.images_to_device(images, device, device.type == "cuda"), image_scale, args.amp)
-            region = ego.to(device) if ego is not None and ego.shape == masks.shape[-2:] else None
+            region = ego if ego is not None and ego.shape == masks.shape[-2:] else None
             predictions, max_prob, rows = batch_stats(probs, masks.to(device), len(class_names), region)
             predictions, rows = predictions.byte().cpu().numpy(), rows.cpu().numpy()  # the batch read back at once
             confidences = (max_prob * 255).round().byte().cpu().numpy() if args.save_confidence else [None] * len(rows)
