@@ -229,7 +229,8 @@ def main(argv=None):
     if len(description.class_names) != len(class_names):
         raise common.UserError(f"{checkpoint_path} predicts {len(class_names)} classes but {description.root} has "
                                f"{len(description.class_names)}; is it the right --data-root?")
-    absent = [i for i in labeled + unlabeled if i not in description.train_ids]
+    training = set(description.train_ids)
+    absent = [i for i in labeled + unlabeled if i not in training]
     if absent:
         raise common.UserError(f"{checkpoint_path} was trained with the image {absent[0]}, which is not a training image "
                                f"of {description.root} ({len(absent)} such); is it the right --data-root?")
