@@ -139,7 +139,7 @@ def main(argv=None):
     if run is None:
         return
     args, description, device, checkpoint = run
-    if args.batch_size < args.world_size * (1 if args.backbone == "tiny_unet" else 2):
+    if args.backbone != "tiny_unet" and args.batch_size < 2 * args.world_size:
         raise common.UserError(f"--batch-size {args.batch_size}: DeepLabv3's image pooling normalises over the batch, "
                                f"so each of the {args.world_size} processes needs at least 2 images a step")
     torch.manual_seed(args.seed)

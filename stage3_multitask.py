@@ -216,7 +216,7 @@ def main(argv=None):
     if run is None:
         return
     args, description, device, checkpoint = run
-    if (args.batch_labeled + (args.batch_unlabeled if args.w_con else 0)) < args.world_size * (1 if args.backbone == "tiny_unet" else 2):
+    if args.backbone != "tiny_unet" and args.batch_labeled + (args.batch_unlabeled if args.w_con else 0) < 2 * args.world_size:
         raise common.UserError("DeepLabv3's image pooling normalises over the batch: give each process at least 2 images "
                                "a step (--batch-labeled + --batch-unlabeled)")
     torch.manual_seed(args.seed)
