@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import evaluate
 import stage1_train
 import stage3_multitask
 
@@ -159,8 +160,8 @@ def random_batch(n, crop, classes, device, channels_last):
 
 def stage1_case(args, shape, device, flags):
     model = common.build_model(args.backbone, shape["classes"], weights="none")
-    optimizer, scheduler = common.make_optimizer(model, flags)
-    net = common.prepare_model(model, flags, device)
+    optimizer, scheduler = stage1_train.make_optimizer(model, flags)
+    net = stage1_train.prepare_model(model, flags, device)
     images, masks = random_batch(shape["batch"], shape["crop"], shape["classes"], device, flags.channels_last)
 
     def flops():
@@ -171,8 +172,8 @@ def stage1_case(args, shape, device, flags):
 
 def multitask_case(args, shape, device, flags):
     student = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head)
-    optimizer, scheduler = common.make_optimizer(student, flags)
-    net = common.prepare_model(student, flags, device)
+    optimizer, scheduler = stage1_train.make_optimizer(student, flags)
+    net = stage1_train.prepare_model(student, flags, device)
     decay = [0.99]
     teacher = stage3_multitask.make_teacher(student, decay)
     teacher_net = torch.compile(teacher) if flags.compile else teacher
@@ -309,8 +310,8 @@ def time_loaders(args, dataset, root):
     strong = stage3_multitask.StrongViewDataset(common.SegmentationDataset(description, ids), common.weak_augment(crop, scale_range))
     full = common.SegmentationDataset(description, ids * max(1, 2000 // len(ids)), masks_optional=True)  # long enough to time
     return {
-        "stage 1": images_per_second(common.train_loader(labeled, shape["batch"], args.workers, 0), args.workers),
-        "multi-task (weak + S)": images_per_second(common.train_loader(strong, shape["unlabeled"], args.workers, 0), args.workers),
+        "stage 1": images_per_second(stage1_train.train_loader(labeled, shape["batch"], args.workers, 0), args.workers),
+        "multi-task (weak + S)": images_per_second(stage1_train.train_loader(strong, shape["unlabeled"], args.workers, 0), args.workers),
         "pseudo-labels / eval": images_per_second(iter(common.full_image_loader(full, INFERENCE_BATCH, args.workers)), args.workers),
     }
 
@@ -418,7 +419,7 @@ def main(argv=None):
     args = get_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = common.init_distributed_mode(args)
-    common.check_result_file(args.json, "--json", "benchmark.py")
+    evaluate.check_result_file(args.json, "--json", "benchmark.py")
     torch.manual_seed(0)
     if args.scripts:  # the cases the scripts run, at their precision and layout
         precision = "bf16" if args.amp and device.type == "cuda" else "fp32"

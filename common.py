@@ -6,13 +6,13 @@
     augmentation                the weak view, and the authors' strong augmentation S with its warp
     the model                   torchvision's DeepLabv3 with the auxiliary heads, and the demo's tiny U-Net
     metric and prediction       the confusion matrix, full-image prediction, val evaluation, overlays
-    training                    what stages 1 and 3 share: flags, the start of a run, optimiser, progress
+
+How a training run starts, steps and reports (flags, optimiser, progress) is stage1_train.py's;
+stage3_multitask.py takes it from there.
 """
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
-import datetime
 import hashlib
 import json
 import math
@@ -20,7 +20,6 @@ import os
 import random
 import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +90,8 @@ def is_inside(path, folder):
 
 
 def open_output(folder, flag, script, reads=()):
-    """The record (run.json) of an output folder that `script` made before; None for a new or empty
-    folder. Anything else is refused, and so is a folder inside one the command reads: no command
-    writes over files it did not make, or into a dataset or a folder of images."""
+    """The record of an output folder that `script` made before, or None for a new or empty folder.
+    Anything else is refused, and so is a folder inside one the command reads (a dataset, images)."""
     for source in reads:
         if is_inside(folder, source):
             raise UserError(f"{flag} {folder} is inside {source}, which this command reads; choose a folder outside it")
@@ -108,7 +106,6 @@ def open_output(folder, flag, script, reads=()):
 
 
 def read_record(folder, flag, script):
-    """The record (run.json) of a folder that `script` wrote; anything else is one line."""
     try:
         record = json.loads(Path(folder, RECORD).read_text())
     except (OSError, ValueError):
@@ -120,32 +117,12 @@ def read_record(folder, flag, script):
 
 
 def write_record(folder, flag, record):
-    """Create an output folder with its record, before anything else: it claims the folder and
-    shows that the folder is writable."""
+    """Create an output folder with its record first: it claims the folder and shows it is writable."""
     try:
         os.makedirs(folder, exist_ok=True)
         write_json(os.path.join(folder, RECORD), record)
     except OSError as e:
         raise UserError(f"{flag} {folder}: cannot write there ({e.strerror}); choose another folder") from None
-
-
-def check_result_file(path, flag, script, reads=()):
-    """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command
-    reads; writable, which is checked now rather than after the long pass that makes it."""
-    if os.path.isdir(path) or any(is_inside(path, folder) for folder in reads):
-        raise UserError(f"{flag} {path} is a folder, or inside the data it reads; choose another file")
-    try:
-        ours = json.loads(Path(path).read_text()).get("written_by") == script if os.path.exists(path) else True
-    except (ValueError, AttributeError, OSError):
-        ours = False
-    if not ours:
-        raise UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_text(f"{path}.tmp{os.getpid()}", "")
-        os.remove(f"{path}.tmp{os.getpid()}")
-    except OSError as e:
-        raise UserError(f"{flag} {path} cannot be written ({e.strerror}); choose another file") from None
 
 
 def check_same_recipe(recorded, recipe, folder, advice):
@@ -158,7 +135,7 @@ def check_same_recipe(recorded, recipe, folder, advice):
 
 
 def check_finite_floats(args):
-    """NaN and infinity are refused for every float flag (argparse's float() accepts them)."""
+    """argparse's float() takes NaN and infinity: refuse them for every flag."""
     for name, value in vars(args).items():
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             raise UserError(f"--{name.replace('_', '-')} {value}: NaN and infinity are not allowed")
@@ -179,8 +156,8 @@ def file_sha256(path):
 
 
 def load_checkpoint(path, flag="--checkpoint"):
-    """A checkpoint of this project, or the checkpoint.pt of a run folder, loaded without unpickling
-    arbitrary objects. Returns (checkpoint, the file's path)."""
+    """(checkpoint, its path) of a file of this project's, or of a run folder's checkpoint.pt,
+    loaded without unpickling arbitrary objects."""
     if os.path.isfile(os.path.join(path, "checkpoint.pt")):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -196,8 +173,7 @@ def load_checkpoint(path, flag="--checkpoint"):
 
 
 def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
-    """The model a checkpoint was trained with (the mean teacher's weights where it has one), ready to
-    predict: on the device in eval mode, channels-last on a GPU (the tensor cores' layout)."""
+    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
     args = checkpoint["args"]
     model = build_model(args["backbone"], len(checkpoint["class_names"]), weights="none", aux_head=args.get("aux_head"))
     try:
@@ -206,7 +182,7 @@ def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
         raise UserError(f"{path}: its weights do not fit a {args['backbone']} model with {len(checkpoint['class_names'])} "
                         "classes; the checkpoint is damaged or from another version") from None
     model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
 
 
 # ============================================================================= devices and processes
@@ -255,8 +231,8 @@ def autocast(device, enabled):
 
 
 def images_to_device(images, device, channels_last=False):
-    """uint8 images from a loader (pinned memory: copied without waiting) to the normalized float
-    input that the ImageNet-pretrained backbones expect, on the device: a quarter of the copying."""
+    """A loader's uint8 images (a quarter of float's bytes to copy) as the normalised float input of
+    the ImageNet-pretrained backbones, on the device."""
     images = images.to(device, non_blocking=True)
     images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
     return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True),
@@ -426,8 +402,7 @@ def colour_palette(colours=None):
 
 
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
-    """The files under a folder (any depth) whose names end in one of `extensions`, sorted; hidden
-    files (.DS_Store, ._photo.jpg) left out."""
+    """The files under a folder (any depth) with one of `extensions`, sorted; hidden ones (.DS_Store) left out."""
     return sorted(os.path.join(path, name) for path, _, names in os.walk(folder) for name in names
                   if name.lower().endswith(extensions) and not name.startswith("."))
 
@@ -439,8 +414,8 @@ def image_id_of(line, images):
 
 
 def read_image(path):
-    """An RGB image as a uint8 tv_tensors.Image (3, H, W), as an image viewer shows it: EXIF
-    orientation applied, 16-bit grey scaled to 8 bits, transparency over white."""
+    """An RGB image (uint8, 3 x H x W) as an image viewer shows it: EXIF orientation applied, 16-bit
+    grey scaled to 8 bits, transparency over white."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -455,8 +430,8 @@ def read_image(path):
 
 
 def mask_values(path, colours=None):
-    """A mask file's values (H, W): single-channel and palette PNGs as they are; an RGB mask through
-    `colours` (classes.txt), or as grey where its three channels are equal."""
+    """A mask file's values (H x W): single-channel and palette PNGs as they are, an RGB mask through
+    `colours` (classes.txt) or as grey where its three channels are equal."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -482,8 +457,8 @@ def mask_values(path, colours=None):
 
 
 def read_mask(path, num_classes, size=None, label_table=None, colours=None):
-    """Class indices (255: ignore) of a mask file as a tv_tensors.Mask, checked against its image's
-    (H, W); label_table maps the file's values to classes first (Cityscapes' labelIds, binary masks)."""
+    """A mask file's classes (255: ignore), checked against its image's size (H, W); label_table
+    maps the file's values to classes first (Cityscapes' labelIds, binary masks)."""
     array = mask_values(path, colours)
     if size is not None and array.shape != tuple(size):
         raise UserError(f"mask {path} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}")
@@ -499,16 +474,15 @@ def read_mask(path, num_classes, size=None, label_table=None, colours=None):
 
 
 def save_mask_png(path, mask, palette):
-    """Write class indices as a palette PNG (the dataset's colours), atomically."""
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     image.putpalette(palette)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Images of a list of ids with a mask each, through an optional joint transform; items are
-    (uint8 image, int64 mask, index). `masks` (id -> file) stands in for the true masks (pseudo-
-    masks: class indices as written); a missing mask is all 255 where masks_optional, else an error."""
+    """(uint8 image, int64 mask, index) of a list of ids, through an optional joint transform.
+    `masks` (id -> file, e.g. pseudo-masks) stands in for the true masks; an image without a mask
+    is all 255 where masks_optional, else an error."""
 
     def __init__(self, description, ids, transform=None, masks=None, masks_optional=False):
         self.description, self.ids, self.transform = description, ids, transform
@@ -553,29 +527,6 @@ def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
         by_size.setdefault(size, []).append(index)
     batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available())
-
-
-def shuffled_stream(size, seed, start=0, rank=0, world=1):
-    """Indices forever: one seeded permutation of the dataset after another, so training counts
-    steps, not epochs. Every process draws the same stream and takes every world-th index, so a
-    step's batches across processes are the one-process batch; a continued run starts at `start`."""
-    position = start
-    while True:
-        epoch, offset = divmod(position, size)
-        for index in torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[offset:].tolist():
-            if position % world == rank:
-                yield index
-            position += 1
-
-
-def train_loader(dataset, total_batch, workers, seed, start_step=0, rank=0, world=1):
-    """An endless iterator of this process's share of each step's batch of `total_batch` images."""
-    if total_batch % world:
-        raise UserError(f"a batch of {total_batch} images cannot be shared by {world} processes; "
-                        f"use a batch size divisible by {world} (README, 'Several GPUs')")
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_size=total_batch // world, sampler=shuffled_stream(len(dataset), seed, start_step * total_batch, rank, world),
-        num_workers=workers, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None))
 
 
 # ============================================================================= augmentation
@@ -843,195 +794,3 @@ def overlay(image, mask, palette, alpha=0.55):
     if not classes:
         return image
     return torchvision.utils.draw_segmentation_masks(image, torch.stack([mask == c for c in classes]), alpha, colours)
-
-
-# ============================================================================= training: what stages 1 and 3 share
-
-def add_training_args(parser, default_length):
-    """The model, optimisation and running flags that stages 1 and 3 share."""
-    group = parser.add_argument_group("model and training")
-    group.add_argument("--backbone", choices=BACKBONES, default="resnet101",
-                       help="DeepLabv3 backbone at output stride 8; tiny_unet is the CPU demo's (default: %(default)s)")
-    group.add_argument("--weights", choices=["imagenet", "coco", "none"], default="imagenet",
-                       help="the backbone's start: torchvision's ImageNet weights (the field's protocol), its COCO-trained "
-                            "DeepLabv3 (the paper's setting on VOC), or none (default: %(default)s)")
-    group.add_argument("--no-pretrained", dest="weights", action="store_const", const="none", help="the same as --weights none")
-    group.add_argument("--image-scale", type=float, default=1.0, help="resize every image by this factor, in training, "
-                       "pseudo-labelling and evaluation (0.5 on Cityscapes: the authors' 1024x512) (default: %(default)s)")
-    group.add_argument("--crop-size", type=int, nargs="+", default=[321], metavar="SIZE",
-                       help="training crop: one number for a square, or HEIGHT WIDTH (default: 321)")
-    group.add_argument("--scale-range", type=float, nargs=2, default=[0.5, 1.5], metavar=("MIN", "MAX"),
-                       help="random rescaling of the image before cropping, the authors' (default: 0.5 1.5)")
-    group.add_argument("--iters", type=int, help=f"optimiser steps (default: {default_length})")
-    group.add_argument("--epochs", type=float, help="passes over the training stream, instead of --iters")
-    group.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd",
-                       help="sgd: momentum 0.9, the DeepLab recipe; adamw: for training from scratch (default: %(default)s)")
-    group.add_argument("--lr", type=float, default=0.001, help="learning rate of the backbone (default: %(default)s)")
-    group.add_argument("--head-lr-mult", type=float, default=10.0,
-                       help="the new layers' (heads', ĝ's) learning rate is this times --lr (default: %(default)s)")
-    group.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
-    group.add_argument("--warmup", type=int, default=0, help="linear warm-up steps before the poly decay (default: 0)")
-    group.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation (default: 0)")
-    run = parser.add_argument_group("running (a run may be continued with other values of these)")
-    run.add_argument("--out", required=True, help="output folder: new or empty, or this script's run there, to continue")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out with its recorded flags")
-    run.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
-    run.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on the CPU)")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                     help="channels-last memory format (default: on with CUDA, off on the CPU)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (minutes of compiling first)")
-    run.add_argument("--workers", type=int, default=default_workers(),
-                     help="data-loading processes (default: %(default)s, from this machine's cores)")
-    run.add_argument("--eval-every", type=int, default=0, help="also evaluate on val every N steps (default: at the end only)")
-    run.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (default: %(default)s)")
-    run.add_argument("--print-every", type=int, default=20, help="progress line every N steps (default: %(default)s)")
-
-
-RUNNING_FLAGS = ("out", "resume", "device", "amp", "channels_last", "compile", "workers", "eval_every", "save_every",
-                 "print_every")
-
-
-def start_run(parser, args, argv, script, reads=(), inputs=None):
-    """Stages 1 and 3 before training: take --out (new, empty, or this script's run there, which the
-    same command continues, and does not redo once finished); with --resume, the run's recorded
-    flags for those not given; check the flags (--out outside the data and the folders of the
-    flags `reads`); refuse to continue a run with another recipe, in which `inputs(args)` stands
-    for the flags naming input files (by their content, so that folders may move); read the
-    dataset; write the record. Returns
-    (args, description, device, checkpoint or None), or None when the run in --out is finished."""
-    record = open_output(args.out, "--out", script)
-    if args.resume:
-        if record is None:
-            raise UserError(f"--resume: {args.out} holds no run of {script} to continue")
-        parser.set_defaults(**{key: None for key in vars(args)})
-        given = {key for key, value in vars(parser.parse_args(argv)).items() if value is not None}
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in record["args"].items()
-                                                      if k not in given and k not in RUNNING_FLAGS}})
-    check_finite_floats(args)
-    for flag, value, low in [("crop_size", min(args.crop_size), MIN_SIDE), ("iters", args.iters or 1, 1),
-                             ("save_every", args.save_every, 1), ("print_every", args.print_every, 1),
-                             ("workers", args.workers, 0), ("warmup", args.warmup, 0), ("eval_every", args.eval_every, 0),
-                             ("weight_decay", args.weight_decay, 0), ("head_lr_mult", args.head_lr_mult, 0)]:
-        if value < low:
-            raise UserError(f"--{flag.replace('_', '-')} {value}: it must be at least {low}")
-    for flag, value in [("lr", args.lr), ("epochs", args.epochs or 1), ("image_scale", args.image_scale),
-                        ("scale_range", args.scale_range[0])]:
-        if value <= 0:
-            raise UserError(f"--{flag.replace('_', '-')} {value}: it must be positive")
-    if len(args.crop_size) > 2 or args.scale_range[0] > args.scale_range[1]:
-        raise UserError("--crop-size takes one number or two (HEIGHT WIDTH), --scale-range MIN MAX with MIN <= MAX")
-    for source in [args.data_root] + [getattr(args, flag) for flag in reads if getattr(args, flag)]:
-        if is_inside(args.out, source):
-            raise UserError(f"--out {args.out} is inside {source}, which this command reads; choose a folder outside it")
-    flags = dict(vars(args))
-    recipe = {**{k: v for k, v in flags.items() if k not in RUNNING_FLAGS}, "data_root": os.path.realpath(args.data_root),
-              **(inputs(args) if inputs else {})}
-    device = init_distributed_mode(args)
-    if args.channels_last is None:  # the tensor cores' layout, on by default on a GPU
-        args.channels_last = device.type == "cuda"
-    description = describe_dataset(args.data_root)
-    checkpoint = None
-    if record is not None and os.path.exists(os.path.join(args.out, "checkpoint.pt")):  # else it just starts again
-        check_same_recipe(record["recipe"], recipe, args.out, "use another --out, or the run's flags (or --resume) to continue it")
-        if os.path.exists(os.path.join(args.out, "metrics.json")):
-            print(f"{args.out} holds this run, finished (metrics.json): nothing to do")
-            return None
-        checkpoint, _ = load_checkpoint(args.out, "--out")
-        print(f"continuing the run in {args.out} from step {checkpoint['step']}")
-    if args.distributed:
-        dist.barrier()  # every process has looked at --out before the first one writes there
-    if is_main_process():
-        write_record(args.out, "--out", {"script": script, "recipe": recipe, "args": flags})
-    return args, description, device, checkpoint
-
-
-def write_split(out, description, labeled, unlabeled):
-    """The split files of a training run (labeled.txt, unlabeled.txt, val.txt), and its first lines:
-    what the data holds, so that a wrong layout shows at once."""
-    d, names = description, description.class_names
-    if is_main_process():
-        for name, ids in [("labeled", labeled), ("unlabeled", unlabeled), ("val", d.val_ids)]:
-            write_text(os.path.join(out, f"{name}.txt"), "".join(f"{i}\n" for i in ids))
-    print(f"{d.kind} data in {d.root}: {len(d.train_ids)} training images ({sum(bool(d.masks[i]) for i in d.train_ids)} "
-          f"with a mask), {len(d.val_ids)} val images, {len(names)} classes", *d.notes, sep="\n")
-
-    def pixels(image_id):
-        mask = read_mask(d.masks[image_id], len(names), None, d.label_table, d.colours).numpy()
-        return np.bincount(mask.ravel(), minlength=256)[:len(names)]
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        counts = sum(pool.map(pixels, labeled), np.zeros(len(names), dtype=np.int64))
-    print(f"this run: {len(labeled)} labelled and {len(unlabeled)} unlabelled training images; the classes' pixel shares "
-          "in the labelled masks: " + ", ".join(f"{n} {100 * c / max(counts.sum(), 1):.1f}%" for n, c in zip(names, counts)))
-    if not counts.all():
-        print(f"note: the labelled masks have no pixel of {', '.join(n for n, c in zip(names, counts) if c == 0)}")
-
-
-def make_optimizer(model, args):
-    """Backbone at --lr, new layers (heads, ĝ's stage) at --lr x --head-lr-mult; linear warm-up, then poly decay."""
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if not n.startswith(model.NEW_LAYERS)], "lr": args.lr},
-              {"params": [p for n, p in named if n.startswith(model.NEW_LAYERS)], "lr": args.lr * args.head_lr_mult}]
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / args.warmup if args.warmup else 1.0) * (1 - step / args.iters) ** 0.9)
-
-
-def prepare_model(model, args, device, find_unused_parameters=False):
-    """The model as trained: on the device (channels-last where asked; cuDNN picks the fastest
-    convolutions for the fixed crop), wrapped for several processes (batch norm synchronised on
-    GPUs, so it sees the whole batch as one process would), compiled where asked. `model` keeps
-    the weights and the state_dict keys."""
-    model.to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = model
-    if args.distributed:
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net) if device.type == "cuda" else net
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                                  find_unused_parameters=find_unused_parameters)
-    return torch.compile(net) if args.compile else net
-
-
-def check_finite(losses, step):
-    for name, value in losses.items():
-        value = float(value.detach() if torch.is_tensor(value) else value)
-        if not math.isfinite(value):
-            raise UserError(f"{name} became {value} by step {step}; lower --lr (the last checkpoint is kept)")
-
-
-class Progress:
-    """Every --print-every steps a line (the losses averaged since the last line, learning rate,
-    speed, time left), kept with every val evaluation in history.jsonl. Losses stay on the device
-    between lines: reading them back waits for the GPU."""
-
-    def __init__(self, out, step, iters, every):
-        self.path = os.path.join(out, "history.jsonl") if is_main_process() else None
-        self.iters, self.every, self.last_step, self.last_time, self.sums, self.count = iters, every, step, time.time(), {}, 0
-        if self.path:  # a continued run drops what was written after its checkpoint
-            kept = [line for line in read_lines(self.path) if json.loads(line)["step"] <= step] if step else []
-            write_text(self.path, "".join(line + "\n" for line in kept))
-
-    def update(self, step, losses, lr, **extra):
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0) + value.detach().float()
-        self.count += 1
-        if step % self.every and step != self.iters:
-            return
-        now, means = time.time(), {name: (value / self.count).item() for name, value in self.sums.items()}
-        check_finite(means, step)
-        speed = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        eta = datetime.timedelta(seconds=round((self.iters - step) / max(speed, 1e-9)))
-        print(f"step {step}/{self.iters}  " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()) +
-              f"  lr {lr:.2e}  {speed:.2f} it/s  eta {eta}" + "".join(f"  {k} {v}" for k, v in extra.items()), flush=True)
-        self.log({"step": step, **means, "lr": lr, "it_per_s": speed, "time": now, **extra})
-        self.last_step, self.last_time, self.sums, self.count = step, now, {}, 0
-
-    def log(self, record):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")

@@ -22,8 +22,10 @@ image that cannot be read or predicted is named and skipped, and the exit status
 """
 import argparse
 import collections
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -174,6 +176,25 @@ def claim_save_dir(args, checkpoint_path, source):
 
 
 @torch.no_grad()
+def check_result_file(path, flag, script, reads=()):
+    """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command
+    reads; writable, which is checked now rather than after the long pass that makes it."""
+    if os.path.isdir(path) or any(common.is_inside(path, folder) for folder in reads):
+        raise common.UserError(f"{flag} {path} is a folder, or inside the data it reads; choose another file")
+    try:
+        ours = json.loads(Path(path).read_text()).get("written_by") == script if os.path.exists(path) else True
+    except (ValueError, AttributeError, OSError):
+        ours = False
+    if not ours:
+        raise common.UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        common.write_text(f"{path}.tmp{os.getpid()}", "")
+        os.remove(f"{path}.tmp{os.getpid()}")
+    except OSError as e:
+        raise common.UserError(f"{flag} {path} cannot be written ({e.strerror}); choose another file") from None
+
+
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
@@ -198,7 +219,7 @@ def main(argv=None):
             raise common.UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} has "
                                    f"{len(description.class_names)}; is it the right --data-root?")
     if args.json:
-        common.check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])
+        check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])
     if args.save_dir:
         claim_save_dir(args, path, description.root)
     confusion = evaluate_val(model, description, args, device, scale, save=bool(args.save_dir))

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
 
 import common
+import stage1_train  # how a training run starts, steps and reports, as in stage 1
 
 DEFAULT_ITERS = 60_000  # the authors' length of each multi-task stage, on VOC and on Cityscapes
 
@@ -54,7 +55,7 @@ def get_args(argv=None):
                         help="a constant teacher decay (default: 0.99, 0.995, 0.9975, 0.999 after 0, 1/3, 2/3, 5/6 of training)")
     method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) instead of "
                                        "--weights; the auxiliary head and ĝ's stage start fresh")
-    common.add_training_args(parser, f"{DEFAULT_ITERS:,}, the authors'")
+    stage1_train.add_training_args(parser, f"{DEFAULT_ITERS:,}, the authors'")
     return parser, parser.parse_args(argv)
 
 
@@ -212,7 +213,7 @@ def main(argv=None):
                                "--ema-decay in [0, 1)")
     if args.pseudo and args.data_root is None:  # the data the pseudo-masks were made on
         args.data_root = read_pseudo(args.pseudo)["recipe"]["data_root"]
-    run = common.start_run(parser, args, argv, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
+    run = stage1_train.start_run(parser, args, argv, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
     if run is None:
         return
     args, description, device, checkpoint = run
@@ -223,7 +224,7 @@ def main(argv=None):
     random.seed(args.seed + args.rank)
     pseudo = read_pseudo(args.pseudo)
     labeled, unlabeled = pseudo_split(args.pseudo, pseudo, description)
-    common.write_split(args.out, description, labeled, unlabeled)
+    stage1_train.write_split(args.out, description, labeled, unlabeled)
     everything = sorted(labeled + unlabeled)  # the unlabelled stream: the whole training set
     if args.iters is None:
         args.iters = math.ceil(args.epochs * len(everything) / args.batch_unlabeled) if args.epochs else DEFAULT_ITERS
@@ -235,12 +236,12 @@ def main(argv=None):
     student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights, aux_head=args.aux_head)
     if args.init and checkpoint is None:
         load_init(student, args.init, args.backbone, len(class_names))
-    optimizer, scheduler = common.make_optimizer(student, args)
+    optimizer, scheduler = stage1_train.make_optimizer(student, args)
     step = 0
     if checkpoint is not None:
         student.load_state_dict(checkpoint["model"])
         step = checkpoint["step"]
-    net = common.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head then
+    net = stage1_train.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head then
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -254,8 +255,8 @@ def main(argv=None):
     pseudo_files = {i: os.path.join(args.pseudo, f"{i}.png") for i in everything}
     labeled_set = LabeledWithPseudo(common.SegmentationDataset(description, labeled), args.pseudo, weak)
     pseudo_set = StrongViewDataset(common.SegmentationDataset(description, everything, masks=pseudo_files), weak)
-    labeled_batches = common.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step, args.rank, args.world_size)
-    unlabeled_batches = common.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step, args.rank,
+    labeled_batches = stage1_train.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step, args.rank, args.world_size)
+    unlabeled_batches = stage1_train.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step, args.rank,
                                             args.world_size)
     val_loader = common.full_image_loader(common.SegmentationDataset(description, description.val_ids), 8, args.workers,
                                           args.rank, args.world_size, args.image_scale)
@@ -265,7 +266,7 @@ def main(argv=None):
         return [common.evaluate(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp, head)
                 for head in (0, 1)]
 
-    progress = common.Progress(args.out, step, args.iters, args.print_every)
+    progress = stage1_train.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:
         x_l, y_l, p_l, _ = next(labeled_batches)
         x_weak, x_strong, p_strong, source, _ = next(unlabeled_batches)
@@ -276,7 +277,7 @@ def main(argv=None):
         step += 1
         progress.update(step, terms, scheduler.get_last_lr()[0], ema=decay[0])
         if (step % args.save_every == 0 or step == args.iters) and common.is_main_process():
-            common.check_finite(terms, step)  # never save weights that have become NaN
+            stage1_train.check_finite(terms, step)  # never save weights that have become NaN
             common.atomic_write(os.path.join(args.out, "checkpoint.pt"), lambda tmp: torch.save({
                 "model": student.state_dict(), "teacher": teacher.module.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step, "args": vars(args), "labeled": labeled,

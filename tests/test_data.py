@@ -226,8 +226,8 @@ def test_full_image_batches_never_mix_sizes(voc_root):
 def test_shuffled_stream_is_shared_by_processes_and_resumes_where_it_stopped():
     def take(stream, n):
         return [next(stream) for _ in range(n)]
-    one = take(common.shuffled_stream(5, seed=3), 12)
+    one = take(stage1_train.shuffled_stream(5, seed=3), 12)
     assert sorted(one[:5]) == list(range(5)) and sorted(one[5:10]) == list(range(5)) and one[:5] != one[5:10]
-    two = [take(common.shuffled_stream(5, seed=3, rank=r, world=2), 6) for r in range(2)]
+    two = [take(stage1_train.shuffled_stream(5, seed=3, rank=r, world=2), 6) for r in range(2)]
     assert [two[r][i // 2] for i in range(12) for r in [i % 2]] == one  # the two shares interleave into the one stream
-    assert take(common.shuffled_stream(5, seed=3, start=7), 5) == one[7:12]
+    assert take(stage1_train.shuffled_stream(5, seed=3, start=7), 5) == one[7:12]

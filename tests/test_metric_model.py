@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import stage1_train
 
 
 def optimizer_args():
@@ -55,7 +56,7 @@ def test_model_outputs_for_each_backbone_and_head_layout(backbone, aux_head):
             assert torch.allclose(main, out) and aux.shape == out.shape
             assert not torch.allclose(aux, out)  # a head of its own
     assert (model.aux_last_stage is not None) == (aux_head == "separate")
-    backbone_group, heads_group = common.make_optimizer(model, optimizer_args())[0].param_groups
+    backbone_group, heads_group = stage1_train.make_optimizer(model, optimizer_args())[0].param_groups
     assert heads_group["params"] and len(backbone_group["params"]) + len(heads_group["params"]) == len(list(model.parameters()))
 
 
@@ -81,7 +82,7 @@ def test_separate_head_is_a_new_half_width_last_stage_in_the_heads_group(backbon
         assert len(blocks) == 3 and all(isinstance(b, Bottleneck) for b in blocks)
         assert [b.conv2.dilation for b in blocks] == [(2, 2), (4, 4), (4, 4)]
         assert blocks[0].conv1.in_channels == 1024 and blocks[-1].conv3.out_channels == 1024
-    optimizer, _ = common.make_optimizer(model, optimizer_args())
+    optimizer, _ = stage1_train.make_optimizer(model, optimizer_args())
     backbone_group, heads_group = optimizer.param_groups
     heads = {id(p) for p in heads_group["params"]}
     assert heads_group["lr"] == pytest.approx(0.1) and backbone_group["lr"] == pytest.approx(0.01)
