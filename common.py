@@ -1,15 +1,7 @@
-"""What two or more of the scripts share, in sections:
-
-    files and output folders    one-line errors, atomic writes, checkpoints, the record that keeps runs apart
-    devices and processes       the device, bf16, several GPUs through torchrun as in torchvision's references
-    datasets                    PASCAL VOC, Cityscapes and your own folder; image and mask files; loaders
-    augmentation                the weak view, and the authors' strong augmentation S with its warp
-    the model                   torchvision's DeepLabv3 with the auxiliary heads, and the demo's tiny U-Net
-    metric and prediction       the confusion matrix, full-image prediction, val evaluation, overlays
-
-How a training run starts, steps and reports (flags, optimiser, progress) is stage1_train.py's;
-stage3_multitask.py takes it from there.
-"""
+"""What two or more of the scripts share. Sections: files and output folders (one-line errors, atomic
+writes, checkpoints, the record that keeps runs apart); devices and processes; datasets (VOC, Cityscapes,
+your own folder); augmentation (the weak view, the authors' S); the model (DeepLabv3 with the auxiliary
+heads, the demo's tiny U-Net); metric and prediction. How a training run goes is stage1_train.py's."""
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -90,15 +82,14 @@ def is_inside(path, folder):
 
 
 def open_output(folder, flag, script, reads=()):
-    """The record of an output folder that `script` made before, or None for a new or empty folder.
-    Anything else is refused, and so is a folder inside one the command reads (a dataset, images)."""
+    """The record of `script`'s output folder (None: new or empty); refuses any other, or one inside what it reads."""
     for source in reads:
         if is_inside(folder, source):
             raise UserError(f"{flag} {folder} is inside {source}, which this command reads; choose a folder outside it")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{flag} {folder} is a file, not a folder")
     if os.path.isfile(os.path.join(folder, RECORD)):
         return read_record(folder, flag, script)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder")
     if os.path.isdir(folder) and os.listdir(folder):
         raise UserError(f"{flag} {folder} holds files that {script} did not write ({sorted(os.listdir(folder))[0]}, "
                         "...); choose a new or empty folder")
@@ -156,8 +147,7 @@ def file_sha256(path):
 
 
 def load_checkpoint(path, flag="--checkpoint"):
-    """(checkpoint, its path) of a file of this project's, or of a run folder's checkpoint.pt,
-    loaded without unpickling arbitrary objects."""
+    """(checkpoint, its path), from a file or a run folder, loaded without unpickling arbitrary objects."""
     if os.path.isfile(os.path.join(path, "checkpoint.pt")):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
@@ -172,26 +162,11 @@ def load_checkpoint(path, flag="--checkpoint"):
     return checkpoint, path
 
 
-def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
-    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
-    args = checkpoint["args"]
-    model = build_model(args["backbone"], len(checkpoint["class_names"]), weights="none", aux_head=args.get("aux_head"))
-    try:
-        model.load_state_dict(checkpoint.get("teacher", checkpoint["model"]))
-    except RuntimeError:
-        raise UserError(f"{path}: its weights do not fit a {args['backbone']} model with {len(checkpoint['class_names'])} "
-                        "classes; the checkpoint is damaged or from another version") from None
-    model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
-
-
 # ============================================================================= devices and processes
-# One process per GPU, started by torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK), as in
-# torchvision's references/segmentation/utils.py. A single process needs none of it.
+# One process per GPU under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), as torchvision's references/segmentation/utils.py.
 
 def init_distributed_mode(args):
-    """Sets args.distributed, rank and world_size, joins the process group under torchrun (where
-    only the first process prints), and returns this process's device."""
+    """Sets args.distributed, rank, world_size; joins torchrun's group (the first process prints); returns the device."""
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.distributed = args.world_size > 1
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -231,8 +206,7 @@ def autocast(device, enabled):
 
 
 def images_to_device(images, device, channels_last=False):
-    """A loader's uint8 images (a quarter of float's bytes to copy) as the normalised float input of
-    the ImageNet-pretrained backbones, on the device."""
+    """A loader's uint8 images (a quarter of float's bytes to copy) on the device, normalised as ImageNet's."""
     images = images.to(device, non_blocking=True)
     images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
     return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True),
@@ -240,9 +214,8 @@ def images_to_device(images, device, channels_last=False):
 
 
 # ============================================================================= datasets
-# A dataset is described in one place, DataDescription: where each image and mask file is, how a
-# mask's values map to classes, which ids train and which validate. VOC, Cityscapes and your own
-# folder are three short functions that fill it in; everything after them is the same code.
+# VOC, Cityscapes and your own folder are three functions that fill in one DataDescription: where
+# each image and mask is, how mask values map to classes, which ids train and which validate.
 
 @dataclasses.dataclass
 class DataDescription:
@@ -272,8 +245,8 @@ def describe_dataset(root, flag="--data-root"):
 
 
 def voc(root, flag):
-    """VOC2012 with the SBD masks. Training ids: train_aug.txt, else every SegmentationClassAug
-    mask, else VOC's train.txt; never a val id. Masks: SegmentationClassAug, else SegmentationClass."""
+    """VOC2012 with SBD's masks (SegmentationClassAug, else SegmentationClass); training ids from
+    train_aug.txt, else SegmentationClassAug, else train.txt; never a val id."""
     def ids(name):
         path = os.path.join(root, "ImageSets", name)
         return [line.split()[0] for line in read_lines(path)] if os.path.exists(path) else None
@@ -288,16 +261,15 @@ def voc(root, flag):
     for i in train_ids:  # a training image's SBD mask where it has one
         masks[i] = os.path.join(aug, f"{i}.png") if os.path.exists(os.path.join(aug, f"{i}.png")) else \
             masks[i] if os.path.exists(masks[i]) else None
-    names, colours = read_classes(os.path.join(root, "classes.txt"), required=False)
+    classes = os.path.join(root, "classes.txt")
+    names, colours = read_classes(classes) if os.path.exists(classes) else (list(VOC_CLASSES), None)
     return DataDescription("voc", root, names, colour_palette(colours),
                            {i: os.path.join(root, "JPEGImages", f"{i}.jpg") for i in train_ids + val_ids}, masks,
                            train_ids, val_ids, pool=sorted(set(voc_train) - set(val_ids)))
 
 
 def cityscapes(root, flag):
-    """Cityscapes: leftImg8bit/{train,val}/<city>/<id>_leftImg8bit.png with gtFine's
-    <id>_gtFine_labelIds.png (the 34 raw ids, mapped to the 19 training classes by the official
-    table that torchvision carries), or <id>_gtFine_labelTrainIds.png where only those exist."""
+    """Cityscapes: leftImg8bit/{train,val}/<city>/ with gtFine's labelIds (by torchvision's table) or labelTrainIds."""
     if not os.path.isdir(os.path.join(root, "gtFine")):
         raise UserError(f"{flag} {root} has leftImg8bit/ but no gtFine/: Cityscapes needs both (see README)")
     images, masks, ids_of = {}, {}, {"train": [], "val": []}
@@ -315,19 +287,19 @@ def cityscapes(root, flag):
     table = np.full(256, -1, dtype=np.int16)
     for c in torchvision.datasets.Cityscapes.classes:
         table[max(c.id, 0)] = c.train_id if 0 <= c.train_id < IGNORE else IGNORE
-    raw = any(path and path.endswith("labelIds.png") for path in masks.values())
     classes = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < IGNORE), key=lambda c: c.train_id)
     palette = [value for c in classes for value in c.color]
     return DataDescription("cityscapes", root, [c.name for c in classes], palette + [0] * (768 - len(palette)), images,
                            masks, sorted(ids_of["train"]), sorted(ids_of["val"]), sorted(ids_of["train"]),
-                           label_table=table if raw else None)
+                           label_table=table if any(p and p.endswith("labelIds.png") for p in masks.values()) else None)
 
 
 def own_data(root, flag):
-    """Your own data: images/ (any depth; an image's path below it, without extension, is its id),
-    masks/<id>.png for the images that have one (the others are unlabelled), classes.txt, and
-    optionally val.txt; without it, a seeded fifth of the masked images validate."""
-    names, colours = read_classes(os.path.join(root, "classes.txt"), required=True)
+    """Your own data: images/ (any depth; the path below it without extension is the id), masks/<id>.png
+    where there is one, classes.txt, and val.txt, else a seeded fifth of the masked images."""
+    if not os.path.exists(os.path.join(root, "classes.txt")):
+        raise UserError(f"{root}/classes.txt not found: list the classes there, one a line, background first (see README)")
+    names, colours = read_classes(os.path.join(root, "classes.txt"))
     images, masks = {}, {}
     for folder, files in [("images", images), ("masks", masks)]:
         for path in list_images(os.path.join(root, folder), IMAGE_EXTENSIONS if folder == "images" else ""):
@@ -351,29 +323,23 @@ def own_data(root, flag):
         val_ids = sorted(random.Random(0).sample(sorted(masks), max(1, len(masks) // 5)))
         notes.append(f"val: {len(val_ids)} of the {len(masks)} masked images, a seeded fifth (no val.txt)")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # every mask's values, to tell binary masks apart
-        values = dict(zip(masks, pool.map(lambda path: set(np.unique(mask_values(path, colours)).tolist()), masks.values())))
+        values = dict(zip(masks, pool.map(lambda path: set(read_mask(path, colours=colours).unique().tolist()), masks.values())))
     table = None
     if len(names) == 2 and set().union(*values.values()) == {0, IGNORE}:  # 0/255 masks: 255 is the foreground here
-        table = np.full(256, -1, dtype=np.int16)
-        table[0], table[IGNORE] = 0, 1
+        table = np.array([0] + [-1] * 254 + [1], dtype=np.int16)  # 0 -> class 0, 255 -> class 1, the rest invalid
         notes.append("masks: only the values 0 and 255, with two classes: read as background (0) and foreground (255)")
-    for image_id, found in values.items():
-        bad = sorted(v for v in found if v >= len(names) and v != IGNORE)
-        if bad and table is None:
-            raise UserError(f"mask {masks[image_id]} has the value {bad[0]}, neither a class (0-{len(names) - 1}) "
-                            f"nor {IGNORE} (ignore); see classes.txt")
+    bad = [(i, v) for i, found in values.items() for v in sorted(found) if v >= len(names) and v != IGNORE]
+    if bad:  # (binary masks have none)
+        raise UserError(f"mask {masks[bad[0][0]]} has the value {bad[0][1]}, neither a class (0-{len(names) - 1}) "
+                        f"nor {IGNORE} (ignore); see classes.txt")
     train_ids = sorted(set(images) - set(val_ids))
     return DataDescription("folder", root, names, colour_palette(colours), images, {i: masks.get(i) for i in images},
                            train_ids, val_ids, [i for i in train_ids if i in masks], table, colours, notes)
 
 
-def read_classes(path, required):
-    """classes.txt: a class a line, background first, each optionally followed by its colour in
-    colour masks (R G B, or #rrggbb). Without the file: VOC's 21. Returns (names, {colour: class} or None)."""
-    if not os.path.exists(path):
-        if required:
-            raise UserError(f"{path} not found: list the classes there, one a line, background first (see README)")
-        return list(VOC_CLASSES), None
+def read_classes(path):
+    """(names, {colour: class} or None) of classes.txt: a class a line, background first, each with
+    its colour in colour masks (R G B or #rrggbb) or none."""
     names, colours = [], []
     for words in (line.split() for line in read_lines(path)):
         colour = None
@@ -392,13 +358,11 @@ def read_classes(path, required):
 
 def colour_palette(colours=None):
     """The palette of the PNGs written: PASCAL VOC's colour map, with the classes' colours from classes.txt."""
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    for bit in range(8):
-        for channel in range(3):
-            palette[:, channel] |= ((np.arange(256) >> (3 * bit + channel)) & 1).astype(np.uint8) << (7 - bit)
+    palette = [[sum((i >> (3 * bit + channel) & 1) << (7 - bit) for bit in range(8)) for channel in range(3)]
+               for i in range(256)]  # class i's bits dealt to R, G, B in turn, from the top bit down
     for colour, index in (colours or {}).items():
-        palette[index] = colour
-    return palette.ravel().tolist()
+        palette[index] = list(colour)
+    return [value for rgb in palette for value in rgb]
 
 
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
@@ -414,8 +378,7 @@ def image_id_of(line, images):
 
 
 def read_image(path):
-    """An RGB image (uint8, 3 x H x W) as an image viewer shows it: EXIF orientation applied, 16-bit
-    grey scaled to 8 bits, transparency over white."""
+    """An RGB uint8 image as a viewer shows it: EXIF orientation, 16-bit grey scaled, transparency over white."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -429,9 +392,10 @@ def read_image(path):
     return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
 
 
-def mask_values(path, colours=None):
-    """A mask file's values (H x W): single-channel and palette PNGs as they are, an RGB mask through
-    `colours` (classes.txt) or as grey where its three channels are equal."""
+def read_mask(path, num_classes=None, size=None, label_table=None, colours=None):
+    """A mask file's classes (255: ignore): index and palette PNGs as they are, RGB through `colours`
+    (classes.txt) or as grey; label_table maps the values first (Cityscapes' labelIds, binary masks).
+    Without num_classes: the file's values, unchecked."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
@@ -453,24 +417,17 @@ def mask_values(path, colours=None):
                         "class indices (see README)")
     if array.max(initial=0) > IGNORE:
         raise UserError(f"mask {path} has the value {int(array.max())}, neither a class nor {IGNORE}")
-    return array.astype(np.uint8)
-
-
-def read_mask(path, num_classes, size=None, label_table=None, colours=None):
-    """A mask file's classes (255: ignore), checked against its image's size (H, W); label_table
-    maps the file's values to classes first (Cityscapes' labelIds, binary masks)."""
-    array = mask_values(path, colours)
     if size is not None and array.shape != tuple(size):
         raise UserError(f"mask {path} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}")
     if label_table is not None:
         mapped = label_table[array]
         if (mapped < 0).any():
             raise UserError(f"mask {path} has label id {int(array[mapped < 0][0])}, not one of the dataset's label ids")
-        array = mapped.astype(np.uint8)
-    bad = (array >= num_classes) & (array != IGNORE)
-    if bad.any():
-        raise UserError(f"mask {path} has label {int(array[bad][0])}, neither a class (0-{num_classes - 1}) nor {IGNORE}")
-    return tv_tensors.Mask(torch.from_numpy(array))
+        array = mapped
+    bad = array[(array >= num_classes) & (array != IGNORE)] if num_classes else []
+    if len(bad):
+        raise UserError(f"mask {path} has label {int(bad[0])}, neither a class (0-{num_classes - 1}) nor {IGNORE}")
+    return tv_tensors.Mask(torch.from_numpy(array.astype(np.uint8)))
 
 
 def save_mask_png(path, mask, palette):
@@ -480,9 +437,8 @@ def save_mask_png(path, mask, palette):
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """(uint8 image, int64 mask, index) of a list of ids, through an optional joint transform.
-    `masks` (id -> file, e.g. pseudo-masks) stands in for the true masks; an image without a mask
-    is all 255 where masks_optional, else an error."""
+    """(uint8 image, int64 mask, index) of a list of ids, through an optional joint transform. `masks`
+    (id -> file: pseudo-masks) replaces the true ones; a missing mask is all 255 if masks_optional."""
 
     def __init__(self, description, ids, transform=None, masks=None, masks_optional=False):
         self.description, self.ids, self.transform = description, ids, transform
@@ -510,9 +466,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
 
 def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
-    """Whole, unaugmented images in batches of one size (padding would change the result: ASPP's
-    image pooling averages over the padded area); process `rank` of `world` takes every world-th
-    image. The model sees them resized by `scale`: each must keep MIN_SIDE pixels a side."""
+    """Whole images in batches of one size (ASPP's image pooling would average over padding), every
+    world-th from `rank`; resized by `scale`, each must keep MIN_SIDE pixels a side."""
     by_size = {}
     for index in range(rank, len(dataset.ids), world):
         path = dataset.description.images[dataset.ids[index]]
@@ -532,8 +487,7 @@ def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
 # ============================================================================= augmentation
 
 def weak_augment(crop_size, scale_range):
-    """The weak view: random scale (relative to the image), crop with padding (255 in masks),
-    horizontal flip. Returns a function of (image, *masks) that moves them all the same way."""
+    """The weak view, moving an image and its masks alike: random scale, crop (masks padded with 255), flip."""
     crop_and_flip = v2.Compose([v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
                                 v2.RandomHorizontalFlip()])
 
@@ -553,13 +507,10 @@ GREY = 127  # what the authors' S fills with: 0 in their [-1, 1] image range
 
 
 def strong_augment(image, num_ops=3, cutouts=3):
-    """The strong augmentation S of the authors: `num_ops` operations drawn with replacement from
-    STRONG_OPERATIONS, each applied with probability 0.5 at a level drawn from 1-9 (Rotate up to 30
-    degrees, Shear up to 0.3, Translate up to 10 pixels at crop 321, either sign), then `cutouts`
-    grey squares of 32 pixels at crop 321. Translate and Cutout scale with the crop.
-
-    Returns (image, source): source[y, x] is the flat index (row * width + column) in the input of
-    the pixel that landed at (y, x), -1 where it came from outside. warp() moves targets with it."""
+    """The authors' S: `num_ops` operations drawn with replacement, each applied with probability 0.5 at
+    a level of 1-9 (Rotate to 30 degrees, Shear to 0.3, Translate to 10 pixels at crop 321, either sign),
+    then `cutouts` grey squares of 32 pixels at crop 321. Returns (image, source): source[y, x] is the
+    flat input index of the pixel that landed at (y, x), -1 if from outside; warp() moves targets by it."""
     fn = v2.functional
     height, width = image.shape[-2:]
     crop_scale = math.sqrt(height * width) / 321
@@ -596,8 +547,7 @@ def strong_augment(image, num_ops=3, cutouts=3):
 
 
 def warp(target, source):
-    """A target of the unwarped view (H, W) or (N, H, W), moved through strong_augment's source map;
-    255 where the pixel came from outside."""
+    """A target (H, W) or (N, H, W) of the unwarped view moved by S's source map; 255 where it came from outside."""
     moved = target.flatten(-2).gather(-1, source.clamp(min=0).flatten(-2).to(target.device)).view(source.shape)
     return moved.masked_fill(source.to(moved.device) < 0, IGNORE)
 
@@ -605,9 +555,8 @@ def warp(target, source):
 # ============================================================================= the model
 
 class SegmentationModel(nn.Module):
-    """A backbone split before its last stage, the main head g and an optional auxiliary head:
-    'separate' (ĝ, paper stage 2) has a new last stage of its own, half as wide and randomly
-    initialised, fed by the stage before; 'shared' (g̃, paper stage 3) sits on the shared last stage."""
+    """A backbone split before its last stage, the main head g, and an auxiliary head: 'separate' (ĝ)
+    with a new, half-width last stage of its own fed by the stage before, or 'shared' (g̃) on the last stage."""
 
     NEW_LAYERS = ("head.", "aux_head.", "aux_last_stage.")  # trained at the heads' learning rate
 
@@ -630,10 +579,8 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(backbone, num_classes, weights="imagenet", aux_head=None):
-    """DeepLabv3 (torchvision's ResNets at output stride 8, its ASPP head) or the demo's tiny U-Net.
-    weights: 'imagenet' (the field's protocol), 'coco' (the backbone of torchvision's COCO-trained
-    DeepLabv3, the paper's start on VOC; the heads start fresh) or 'none'. aux_head: None,
-    'separate' (ĝ) or 'shared' (g̃)."""
+    """DeepLabv3 (torchvision's ResNet at output stride 8, its ASPP head) or the demo's tiny U-Net, from
+    'imagenet' weights, 'coco' (the backbone of torchvision's COCO DeepLabv3, the paper's) or 'none'."""
     if backbone == "tiny_unet":
         if weights != "none":
             raise UserError("--backbone tiny_unet has no pretrained weights: add --no-pretrained")
@@ -641,8 +588,12 @@ def build_model(backbone, num_classes, weights="imagenet", aux_head=None):
         aux_last_stage = TinyUNetLastStage(out_channels=8) if aux_head == "separate" else None
     elif backbone in ("resnet50", "resnet101"):
         lower, last_stage = resnet_backbone(backbone, weights)
-        width, make_head = 2048, DeepLabHead
-        aux_last_stage = resnet_half_last_stage() if aux_head == "separate" else None
+        width, make_head, aux_last_stage = 2048, DeepLabHead, None
+        if aux_head == "separate":  # ĝ's stage: 3 Bottlenecks of 256 planes on layer3's output, dilated as layer4
+            aux_last_stage = nn.Sequential(*[torchvision.models.resnet.Bottleneck(1024, 256, dilation=d) for d in (2, 4, 4)])
+            for m in aux_last_stage.modules():  # initialised as torchvision's ResNets are
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     else:
         raise UserError(f"--backbone {backbone}: choose one of {', '.join(BACKBONES)}")
     aux_width = width // 2 if aux_head == "separate" else width
@@ -667,20 +618,8 @@ def resnet_backbone(backbone, weights):
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3), net.layer4
 
 
-def resnet_half_last_stage():
-    """ĝ's last stage: three Bottleneck blocks of 256 planes (1,024 channels out), fed by layer3's
-    1,024 channels, dilated as our layer4 (2, then 4), initialised as torchvision's ResNets are."""
-    stage = nn.Sequential(*[torchvision.models.resnet.Bottleneck(1024, 256, dilation=d) for d in (2, 4, 4)])
-    for m in stage.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return stage
-
-
 class TinyUNet(nn.Module):
-    """The lower stages of the CPU demo's U-Net, learnable from scratch in minutes: 4 levels of
-    16/32/64/128 channels, nearest upsampling with skip connections. forward returns (features at
-    1/2 resolution, full-resolution skip): the input of its last stage, TinyUNetLastStage."""
+    """The CPU demo's U-Net (16-128 channels) but its last stage; returns (1/2-resolution features, full skip)."""
 
     def __init__(self, widths=(16, 32, 64, 128)):
         super().__init__()
@@ -698,8 +637,7 @@ class TinyUNet(nn.Module):
 
 
 class TinyUNetLastStage(nn.Module):
-    """The tiny U-Net's last decoder block (ĝ's own is half as wide). Each last stage joins the skip
-    itself, as in the measured demo: sharing one join changes the backward's rounding."""
+    """The tiny U-Net's last block (ĝ's half as wide); each joins the skip itself (sharing it changes the rounding)."""
 
     def __init__(self, out_channels=16):
         super().__init__()
@@ -753,44 +691,10 @@ class ConfusionMatrix:
         return "\n".join(lines + [f"  {'mIoU':<{width}}  {self.miou():6.2f}"])
 
 
-def logits(model, images, amp=False, head=0):
-    """The main head's logits (head 1: the auxiliary head's) at the input's size, in float32."""
-    with autocast(images.device, amp):
-        return (model(images, with_aux=True)[1] if head == 1 else model(images)).float()
-
-
 @torch.no_grad()
 def predict(model, images, scale=1.0, amp=False, head=0):
-    """Class probabilities (N, C, H, W) of whole normalized images at their own size; the model
-    sees them resized by `scale`, the scale it was trained at (--image-scale)."""
+    """Class probabilities (head 1: the auxiliary head's) of whole images, the model seeing them at `scale`."""
     resized = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False):  # full images come in many sizes
-        out = logits(model, resized, amp, head)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False), autocast(images.device, amp):  # sizes vary: no benchmark
+        out = (model(resized, with_aux=True)[1] if head == 1 else model(resized)).float()
     return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, num_classes, scale=1.0, amp=False, head=0):
-    """The confusion matrix of full-image, single-scale predictions, summed over every process's
-    share of the images. head 1: the auxiliary head."""
-    was_training = model.training
-    model.eval()
-    confusion = ConfusionMatrix(num_classes)
-    for images, masks, _ in loader:
-        images = images_to_device(images, device, channels_last=device.type == "cuda")
-        confusion.update(masks.to(device), predict(model, images, scale, amp, head).argmax(1))
-    confusion.matrix = sum_over_processes(confusion.matrix)
-    model.train(was_training)
-    return confusion
-
-
-def overlay(image, mask, palette, alpha=0.55):
-    """A uint8 image (3, H, W) with each class of mask (H, W) in the dataset's colour; 255 in white.
-    Classes drawn in black in the palette (VOC's background) are left uncoloured."""
-    classes = [int(c) for c in mask.unique() if c != IGNORE and any(palette[3 * int(c):3 * int(c) + 3])]
-    colours = [tuple(palette[3 * c:3 * c + 3]) for c in classes]
-    if (mask == IGNORE).any():
-        classes, colours = classes + [IGNORE], colours + [(255, 255, 255)]
-    if not classes:
-        return image
-    return torchvision.utils.draw_segmentation_masks(image, torch.stack([mask == c for c in classes]), alpha, colours)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 import common
@@ -89,7 +90,8 @@ def window_probs(model, images, args, scale):
     total, count = 0, torch.zeros(1, 1, height, width, device=images.device)
     for top in window_starts(height, tile_h, args.stride[0]):
         for left in window_starts(width, tile_w, args.stride[1]):
-            tile = common.logits(model, images[..., top:top + tile_h, left:left + tile_w], args.amp)
+            with common.autocast(images.device, args.amp):
+                tile = model(images[..., top:top + tile_h, left:left + tile_w]).float()
             total = total + F.pad(tile, (left, width - left - tile_w, top, height - top - tile_h))
             count[..., top:top + tile_h, left:left + tile_w] += 1
     return F.interpolate(total / count, size=size, mode="bilinear", align_corners=False).softmax(1)
@@ -152,7 +154,7 @@ def predict_images(model, args, device, scale, palette):
             continue
         os.makedirs(os.path.dirname(os.path.join(args.save_dir, name)), exist_ok=True)
         common.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
-        picture = common.overlay(image.as_subclass(torch.Tensor), prediction, palette).permute(1, 2, 0).numpy()
+        picture = overlay(image.as_subclass(torch.Tensor), prediction, palette).permute(1, 2, 0).numpy()
         common.atomic_write(os.path.join(args.save_dir, f"{name}_overlay.jpg"),
                             lambda tmp: Image.fromarray(picture).save(tmp, format="JPEG", quality=90))
     return len(files), int(common.sum_over_processes(torch.tensor(skipped)))
@@ -175,7 +177,30 @@ def claim_save_dir(args, checkpoint_path, source):
         dist.barrier()
 
 
-@torch.no_grad()
+def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
+    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
+    args = checkpoint["args"]
+    model = common.build_model(args["backbone"], len(checkpoint["class_names"]), weights="none", aux_head=args.get("aux_head"))
+    try:
+        model.load_state_dict(checkpoint.get("teacher", checkpoint["model"]))
+    except RuntimeError:
+        raise common.UserError(f"{path}: its weights do not fit a {args['backbone']} model with {len(checkpoint['class_names'])} "
+                               "classes; the checkpoint is damaged or from another version") from None
+    model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
+
+
+def overlay(image, mask, palette, alpha=0.55):
+    """An image with each class of the mask in its palette colour (black ones, VOC's background, left out), 255 white."""
+    classes = [int(c) for c in mask.unique() if c != common.IGNORE and any(palette[3 * int(c):3 * int(c) + 3])]
+    colours = [tuple(palette[3 * c:3 * c + 3]) for c in classes]
+    if (mask == common.IGNORE).any():
+        classes, colours = classes + [common.IGNORE], colours + [(255, 255, 255)]
+    if not classes:
+        return image
+    return torchvision.utils.draw_segmentation_masks(image, torch.stack([mask == c for c in classes]), alpha, colours)
+
+
 def check_result_file(path, flag, script, reads=()):
     """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command
     reads; writable, which is checked now rather than after the long pass that makes it."""
@@ -195,12 +220,13 @@ def check_result_file(path, flag, script, reads=()):
         raise common.UserError(f"{flag} {path} cannot be written ({e.strerror}); choose another file") from None
 
 
+@torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
     device = common.init_distributed_mode(args)
     checkpoint, path = common.load_checkpoint(args.checkpoint)
-    model = common.model_from_checkpoint(checkpoint, path, device)
+    model = model_from_checkpoint(checkpoint, path, device)
     scale = checkpoint["args"].get("image_scale", 1.0)
     which = f"{path} ({'teacher' if 'teacher' in checkpoint else 'model'}, step {checkpoint['step']})"
 
@@ -227,7 +253,7 @@ def main(argv=None):
     result = {"written_by": "evaluate.py", "checkpoint": os.path.abspath(path), "step": checkpoint["step"],
               **confusion.report(description.class_names), "compare": {}}
     for other, other_path in others:
-        miou = evaluate_val(common.model_from_checkpoint(other, other_path, device), description, args, device,
+        miou = evaluate_val(model_from_checkpoint(other, other_path, device), description, args, device,
                             other["args"].get("image_scale", 1.0)).miou()
         name = os.path.basename(os.path.dirname(os.path.abspath(other_path)))
         result["compare"][name if name not in result["compare"] else other_path] = {

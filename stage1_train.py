@@ -264,7 +264,7 @@ def train_loader(dataset, total_batch, workers, seed, start_step=0, rank=0, worl
     """An endless iterator of this process's share of each step's batch of `total_batch` images."""
     if total_batch % world:
         raise common.UserError(f"a batch of {total_batch} images cannot be shared by {world} processes; "
-                        f"use a batch size divisible by {world} (README, 'Several GPUs')")
+                               f"use a batch size divisible by {world} (README, 'Several GPUs')")
     return iter(torch.utils.data.DataLoader(
         dataset, batch_size=total_batch // world, sampler=shuffled_stream(len(dataset), seed, start_step * total_batch, rank, world),
         num_workers=workers, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None))
@@ -299,6 +299,20 @@ def prepare_model(model, args, device, find_unused_parameters=False):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=find_unused_parameters)
     return torch.compile(net) if args.compile else net
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, num_classes, scale=1.0, amp=False, head=0):
+    """The confusion matrix of full-image predictions (head 1: the auxiliary head's), over all processes."""
+    was_training = model.training
+    model.eval()
+    confusion = common.ConfusionMatrix(num_classes)
+    for images, masks, _ in loader:
+        images = common.images_to_device(images, device, channels_last=device.type == "cuda")
+        confusion.update(masks.to(device), common.predict(model, images, scale, amp, head).argmax(1))
+    confusion.matrix = common.sum_over_processes(confusion.matrix)
+    model.train(was_training)
+    return confusion
 
 
 def check_finite(losses, step):
@@ -395,7 +409,7 @@ def main(argv=None):
                                           args.rank, args.world_size, args.image_scale)
 
     def validate():
-        return common.evaluate(model, val_loader, device, len(class_names), args.image_scale, args.amp)
+        return evaluate(model, val_loader, device, len(class_names), args.image_scale, args.amp)
 
     progress = Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:

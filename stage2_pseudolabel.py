@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 import common
+import evaluate  # the checkpoint's model and the overlays, as evaluate.py predicts
 
 BINS = 10  # of max-probability over [0, 1]
 CONFIDENT = 0.9
@@ -183,7 +184,7 @@ def write_preview(path, description, ids, rounds, confidence_dir=None):
     for image_id in ids:
         image = common.read_image(description.images[image_id]).as_subclass(torch.Tensor)
         truth = common.SegmentationDataset(description, [image_id], masks_optional=True)[0][1]
-        row = [image] + [common.overlay(image, mask, description.palette)
+        row = [image] + [evaluate.overlay(image, mask, description.palette)
                          for mask in [truth] + [classes(folder, image_id) for _, folder in rounds]]
         panels += [thumbnail(panel) for panel in row + ([classes(confidence_dir, image_id).expand(3, -1, -1)] if confidence_dir else [])]
     if not panels:
@@ -263,7 +264,7 @@ def main(argv=None):
     print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "
           f"labelling with the {'teacher' if 'teacher' in checkpoint else 'model'} of {checkpoint_path} (step {checkpoint['step']})")
 
-    model = common.model_from_checkpoint(checkpoint, checkpoint_path, device)
+    model = evaluate.model_from_checkpoint(checkpoint, checkpoint_path, device)
     ego = ego_vehicle_region(description, labeled)
     ego = ego.to(device) if ego is not None else None
     image_scale = checkpoint["args"].get("image_scale", 1.0)

@@ -263,7 +263,7 @@ def main(argv=None):
 
     def validate():
         """The teacher's main head and auxiliary head on val."""
-        return [common.evaluate(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp, head)
+        return [stage1_train.evaluate(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp, head)
                 for head in (0, 1)]
 
     progress = stage1_train.Progress(args.out, step, args.iters, args.print_every)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import evaluate
 import stage1_train
 
 
@@ -127,7 +128,7 @@ def test_checkpoints_are_written_atomically_and_loaded_safely(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
     checkpoint, found = common.load_checkpoint(str(tmp_path))  # a run folder stands for its checkpoint.pt
     assert found == path
-    rebuilt = common.model_from_checkpoint(checkpoint, path)
+    rebuilt = evaluate.model_from_checkpoint(checkpoint, path)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import common
+import evaluate
 import stage2_pseudolabel
 from conftest import TINY_TRAIN, TRAIN_IDS, assert_user_error, image_size, run_script
 
@@ -38,7 +39,7 @@ def test_writes_a_palette_png_of_class_indices_per_training_image(trained, tmp_p
     # A row per chosen unlabelled image, four 160-pixel columns (image, truth, pseudo-mask, confidence).
     assert preview.size == (4 * 162 + 2, 16 + min(8, len(saved["unlabeled"])) * 162 + 2)
     assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted([f"{i}.png" for i in TRAIN_IDS] + ["preview.png"])
-    model = common.model_from_checkpoint(saved, checkpoint).eval()
+    model = evaluate.model_from_checkpoint(saved, checkpoint).eval()
     for index, image_id in enumerate(TRAIN_IDS):
         png = Image.open(os.path.join(out, f"{image_id}.png"))
         assert png.mode == "P" and png.size == image_size(index) and png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
