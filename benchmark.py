@@ -4,6 +4,7 @@ with --scripts, the real scripts end to end on a written VOC-sized tree to check
     python benchmark.py                         on a GPU: every case, VOC and Cityscapes shapes, ResNet-101, bf16 and fp32
     python benchmark.py --compile               also the torch.compile'd training steps (minutes of compiling)
     python benchmark.py --scripts --amp         the four scripts end to end on a written VOC-sized tree
+    python benchmark.py --profile "multi-task, ĝ" --datasets voc --trace step.json    where a step's time goes
     python benchmark.py --device cpu --backbone tiny_unet --shrink 8 --steps 2 --repeats 2    a quick run on the CPU
 
 The cases: stage 1's step at batch 16, the multi-task step at 1 + 9 with ĝ and with g̃, and the
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,12 +82,18 @@ def get_args(argv=None):
     parser.add_argument("--amp", action="store_true", help="with --scripts: bf16, as the scripts' --amp")
     parser.add_argument("--train-images", type=int, default=2000, help="with --scripts (default: %(default)s)")
     parser.add_argument("--script-steps", type=int, default=300, help="with --scripts: steps of stages 1 and 3 (default: %(default)s)")
+    parser.add_argument("--profile", choices=list(CASES), metavar="CASE",
+                        help="instead: profile one case (of --cases' names) on the first of --datasets after its warm-up, "
+                             "--steps steps under torch.profiler: the top operators and kernels, the device's idle gaps")
+    parser.add_argument("--trace", help="with --profile: also write the Chrome trace here (chrome://tracing, Perfetto)")
     parser.add_argument("--json", default="benchmark.json", help="write every figure here (default: %(default)s)")
     args = parser.parse_args(argv)
     if min(args.steps, args.repeats, args.shrink, args.train_images, args.script_steps) < 1 or min(
             args.min_warmup, args.max_warmup, args.loader_images, args.workers) < 0:
         raise common.UserError("--steps, --repeats, --shrink, --train-images and --script-steps must be at least 1, "
                                "--min-warmup, --max-warmup, --loader-images and --workers at least 0")
+    if args.trace and not args.profile:
+        raise common.UserError("--trace goes with --profile CASE")
     return args
 
 
@@ -311,7 +319,8 @@ def time_loaders(args, dataset, root):
     full = common.SegmentationDataset(description, ids * max(1, 2000 // len(ids)), masks_optional=True)  # long enough to time
     return {
         "stage 1": images_per_second(stage1_train.train_loader(labeled, shape["batch"], args.workers, 0), args.workers),
-        "multi-task (weak + S)": images_per_second(stage1_train.train_loader(strong, shape["unlabeled"], args.workers, 0), args.workers),
+        "multi-task (weak + S)": images_per_second(stage1_train.train_loader(strong, shape["unlabeled"], args.workers, 0),
+                                                   args.workers),
         "pseudo-labels / eval": images_per_second(iter(common.full_image_loader(full, INFERENCE_BATCH, args.workers)), args.workers),
     }
 
@@ -391,6 +400,65 @@ def run_scripts(args, device, results):
     return report
 
 
+# ----------------------------------------------------------------------------- a profile of one case
+
+def idle_gaps(intervals):
+    """(busy, wall, gaps) of a device from its kernels' (start, end) times: the time some kernel ran,
+    the time from the first start to the last end, and the idle gaps between kernels, longest first."""
+    intervals = sorted(intervals)
+    busy, gaps, reach = 0.0, [], intervals[0][0]
+    for start, end in intervals:
+        if start > reach:
+            gaps.append(start - reach)
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy, reach - intervals[0][0], sorted(gaps, reverse=True)
+
+
+def profile_case(args, device, case):
+    """--profile: --steps steps of one case in its steady state under torch.profiler. Prints the
+    operators and kernels by their own time on the device (on the CPU: by CPU time) and, on a GPU,
+    how long it sat idle between kernels: the time Python, kernel launches or a synchronisation
+    left it waiting."""
+    from torch.profiler import ProfilerActivity, profile
+    dataset, precision = args.datasets[0], "bf16" if device.type == "cuda" else "fp32"
+    shape = shrunk(DATASETS[dataset], args)
+    build, aux_head = CASES[case]
+    flags = recipe(args, shape, precision, device.type == "cuda", args.compile, aux_head)
+    step, images_per_step, _ = build(args, shape, device, flags)
+    seconds = time_steps(step, args, device, args.compile)[0]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        synchronize(device)
+    table = prof.key_averages()
+    key = "self_cpu_time_total"
+    if device.type == "cuda":  # torch before 2.4 calls the device's time "cuda"
+        key = "self_device_time_total" if hasattr(table[0], "self_device_time_total") else "self_cuda_time_total"
+    print(f"{dataset} {case} {precision}{' compiled' if args.compile else ''}: {1 / seconds:.2f} steps/s unprofiled; "
+          f"the profile of {args.steps} steps, by {key}:")
+    print(table.table(sort_by=key, row_limit=25))
+    top = sorted(table, key=lambda e: getattr(e, key), reverse=True)[:25]
+    result = {"dataset": dataset, "case": case, "precision": precision, "compile": args.compile, "steps": args.steps,
+              "steps_per_s": 1 / seconds, "images_per_step": images_per_step,
+              "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in top]}
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:
+        busy, wall, gaps = idle_gaps(kernels)
+        result.update(device_busy_ms=busy / 1e3, device_wall_ms=wall / 1e3, gaps=len(gaps),
+                      longest_gaps_ms=[g / 1e3 for g in gaps[:10]], gaps_over_50us_ms=sum(g for g in gaps if g > 50) / 1e3)
+        print(f"the device ran kernels {100 * busy / wall:.0f}% of {wall / 1e3:.1f} ms ({wall / 1e3 / args.steps:.1f} ms a step); "
+              f"{len(gaps)} idle gaps, {result['gaps_over_50us_ms']:.1f} ms of them in gaps over 50 us; the longest: "
+              + ", ".join(f"{g / 1e3:.2f} ms" for g in gaps[:5]))
+    if args.trace:  # marked as ours, so that the same command may replace it
+        common.atomic_write(args.trace, prof.export_chrome_trace)
+        common.write_text(args.trace, json.dumps({**json.loads(Path(args.trace).read_text()), "written_by": "benchmark.py"}))
+        print(f"trace written to {args.trace}")
+    return result
+
+
 def print_report(report):
     print(f"\n{report['device']}, torch {report['torch']}, torchvision {report['torchvision']}, {report['backbone']}")
     print(f"{'dataset':<11}{'case':<22}{'prec.':<6}{'layout':<8}{'compile':<8}{'step/s [range]':>22}{'img/s':>8}"
@@ -420,7 +488,15 @@ def main(argv=None):
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = common.init_distributed_mode(args)
     evaluate.check_result_file(args.json, "--json", "benchmark.py")
+    if args.trace:
+        evaluate.check_result_file(args.trace, "--trace", "benchmark.py")
     torch.manual_seed(0)
+    if args.profile:
+        common.write_json(args.json, {"written_by": "benchmark.py", "device": torch.cuda.get_device_name(device)
+                                      if device.type == "cuda" else "cpu", "torch": torch.__version__, "backbone": args.backbone,
+                                      "shrink": args.shrink, "profile": profile_case(args, device, args.profile)})
+        print(f"written to {args.json}")
+        return
     if args.scripts:  # the cases the scripts run, at their precision and layout
         precision = "bf16" if args.amp and device.type == "cuda" else "fp32"
         todo = [("voc", case, precision, device.type == "cuda", False) for case in ["stage 1", "multi-task, ĝ", "pseudo-labels / eval"]]

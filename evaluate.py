@@ -184,8 +184,8 @@ def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
     try:
         model.load_state_dict(checkpoint.get("teacher", checkpoint["model"]))
     except RuntimeError:
-        raise common.UserError(f"{path}: its weights do not fit a {args['backbone']} model with {len(checkpoint['class_names'])} "
-                               "classes; the checkpoint is damaged or from another version") from None
+        raise common.UserError(f"{path}: its weights do not fit a {args['backbone']} model with "
+                               f"{len(checkpoint['class_names'])} classes; the checkpoint is damaged or from another version") from None
     model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
 

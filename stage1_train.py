@@ -213,7 +213,8 @@ def start_run(parser, args, argv, script, reads=(), inputs=None):
     description = common.describe_dataset(args.data_root)
     checkpoint = None
     if record is not None and os.path.exists(os.path.join(args.out, "checkpoint.pt")):  # else it just starts again
-        common.check_same_recipe(record["recipe"], recipe, args.out, "use another --out, or the run's flags (or --resume) to continue it")
+        common.check_same_recipe(record["recipe"], recipe, args.out,
+                                 "use another --out, or the run's flags (or --resume) to continue it")
         if os.path.exists(os.path.join(args.out, "metrics.json")):
             print(f"{args.out} holds this run, finished (metrics.json): nothing to do")
             return None
@@ -302,7 +303,7 @@ def prepare_model(model, args, device, find_unused_parameters=False):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, num_classes, scale=1.0, amp=False, head=0):
+def val_confusion(model, loader, device, num_classes, scale=1.0, amp=False, head=0):
     """The confusion matrix of full-image predictions (head 1: the auxiliary head's), over all processes."""
     was_training = model.training
     model.eval()
@@ -409,7 +410,7 @@ def main(argv=None):
                                           args.rank, args.world_size, args.image_scale)
 
     def validate():
-        return evaluate(model, val_loader, device, len(class_names), args.image_scale, args.amp)
+        return val_confusion(model, val_loader, device, len(class_names), args.image_scale, args.amp)
 
     progress = Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:

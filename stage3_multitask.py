@@ -19,7 +19,9 @@ fed by the stage before) or g̃ (shared: a second head on the shared last stage)
 main head is the model that evaluate.py and stage2_pseudolabel.py use.
 
 Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teacher; metrics.json
-also the auxiliary head's val mIoU). The same command again continues an interrupted run.
+also the auxiliary head's val mIoU). The same command again continues an interrupted run. A run
+starts, steps and reports as stage 1's does: its flags, optimiser, loaders, progress lines and
+validation are stage1_train.py's; the data, the losses and the step are here.
 """
 import argparse
 import math
@@ -255,16 +257,17 @@ def main(argv=None):
     pseudo_files = {i: os.path.join(args.pseudo, f"{i}.png") for i in everything}
     labeled_set = LabeledWithPseudo(common.SegmentationDataset(description, labeled), args.pseudo, weak)
     pseudo_set = StrongViewDataset(common.SegmentationDataset(description, everything, masks=pseudo_files), weak)
-    labeled_batches = stage1_train.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step, args.rank, args.world_size)
-    unlabeled_batches = stage1_train.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step, args.rank,
-                                            args.world_size)
+    labeled_batches = stage1_train.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step, args.rank,
+                                                args.world_size)
+    unlabeled_batches = stage1_train.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step,
+                                                  args.rank, args.world_size)
     val_loader = common.full_image_loader(common.SegmentationDataset(description, description.val_ids), 8, args.workers,
                                           args.rank, args.world_size, args.image_scale)
 
     def validate():
         """The teacher's main head and auxiliary head on val."""
-        return [stage1_train.evaluate(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp, head)
-                for head in (0, 1)]
+        return [stage1_train.val_confusion(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp,
+                                           head) for head in (0, 1)]
 
     progress = stage1_train.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:

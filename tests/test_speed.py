@@ -97,6 +97,26 @@ def test_benchmark_runs_on_the_cpu_in_a_steady_state_and_projects_the_pipeline(t
     assert mine.read_text() == '{"my": "results"}'
 
 
+
+def test_idle_gaps_are_the_times_no_kernel_ran():
+    busy, wall, gaps = benchmark.idle_gaps([(20, 25), (0, 10), (5, 12), (30, 31), (24, 26)])
+    assert (busy, wall, gaps) == (19, 31, [8, 4])  # 0-12, 20-26 and 30-31 busy; idle 12-20 and 26-30
+
+
+def test_profile_of_a_step_names_its_operators_and_writes_a_trace(tmp_path):
+    report, trace = tmp_path / "profile.json", tmp_path / "trace.json"
+    profile = ["--device", "cpu", "--backbone", "tiny_unet", "--shrink", 16, "--steps", 2, "--repeats", 1, "--min-warmup", 2,
+               "--max-warmup", 4, "--datasets", "voc", "--profile", "multi-task, ĝ", "--json", report, "--trace", trace]
+    result = run_script("benchmark.py", *profile)
+    top = json.load(open(report))["profile"]["top"]
+    assert "aten::convolution_backward" in {row["name"] for row in top} and all(row["self_ms"] >= 0 for row in top)
+    assert "traceEvents" in json.load(open(trace)) and "the profile of 2 steps" in result.stdout
+    run_script("benchmark.py", *profile)  # the same command replaces its own trace
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    assert_user_error(run_script("benchmark.py", *profile[:-1], mine, check=False), f"--trace {mine} exists and was not written")
+    assert_user_error(run_script("benchmark.py", "--trace", trace, check=False), "--trace goes with --profile")
+
 def test_warm_up_lasts_until_the_step_time_settles():
     """A step that is slow for its first calls (as compiled code is) is warmed up until it is not."""
     calls = []
