@@ -19,9 +19,9 @@ fed by the stage before) or g̃ (shared: a second head on the shared last stage)
 main head is the model that evaluate.py and stage2_pseudolabel.py use.
 
 Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teacher; metrics.json
-also the auxiliary head's val mIoU). The same command again continues an interrupted run. A run
-starts, steps and reports as stage 1's does: its flags, optimiser, loaders, progress lines and
-validation are stage1_train.py's; the data, the losses and the step are here.
+also the auxiliary head's val mIoU). The same command again continues an interrupted run. The
+training flags below, the progress lines and the validation are stage 1's (this script takes
+them from stage1_train.py); the data, the losses and the step are its own.
 """
 import argparse
 import math
