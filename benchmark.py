@@ -404,15 +404,23 @@ def run_scripts(args, device, results):
 
 def idle_gaps(intervals):
     """(busy, wall, gaps) of a device from its kernels' (start, end) times: the time some kernel ran,
-    the time from the first start to the last end, and the idle gaps between kernels, longest first."""
+    the time from the first start to the last end, and the idle gaps between kernels as (length,
+    start), longest first."""
     intervals = sorted(intervals)
     busy, gaps, reach = 0.0, [], intervals[0][0]
     for start, end in intervals:
         if start > reach:
-            gaps.append(start - reach)
+            gaps.append((start - reach, reach))
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
     return busy, reach - intervals[0][0], sorted(gaps, reverse=True)
+
+
+def running_at(operators, time):
+    """The CPU operators (start, end, name) running at `time`, outermost first: what the CPU was
+    doing while the device waited (a synchronisation, the optimiser, Python between launches)."""
+    around = [(start - end, name) for start, end, name in operators if start <= time <= end]
+    return " > ".join(name for _, name in sorted(around)) or "no operator"
 
 
 def profile_case(args, device, case):
@@ -443,15 +451,18 @@ def profile_case(args, device, case):
     result = {"dataset": dataset, "case": case, "precision": precision, "compile": args.compile, "steps": args.steps,
               "steps_per_s": 1 / seconds, "images_per_step": images_per_step,
               "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in top]}
-    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
-    if kernels:
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    if kernels:  # times in microseconds
         busy, wall, gaps = idle_gaps(kernels)
-        result.update(device_busy_ms=busy / 1e3, device_wall_ms=wall / 1e3, gaps=len(gaps),
-                      longest_gaps_ms=[g / 1e3 for g in gaps[:10]], gaps_over_50us_ms=sum(g for g in gaps if g > 50) / 1e3)
+        operators = [(e.time_range.start, e.time_range.end, e.name) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CPU]
+        longest = [{"ms": length / 1e3, "cpu": running_at(operators, start + length / 2)} for length, start in gaps[:10]]
+        result.update(device_busy_ms=busy / 1e3, device_wall_ms=wall / 1e3, gaps=len(gaps), longest_gaps=longest,
+                      gaps_over_50us_ms=sum(length for length, _ in gaps if length > 50) / 1e3)
         print(f"the device ran kernels {100 * busy / wall:.0f}% of {wall / 1e3:.1f} ms ({wall / 1e3 / args.steps:.1f} ms a step); "
-              f"{len(gaps)} idle gaps, {result['gaps_over_50us_ms']:.1f} ms of them in gaps over 50 us; the longest: "
-              + ", ".join(f"{g / 1e3:.2f} ms" for g in gaps[:5]))
+              f"{len(gaps)} idle gaps, {result['gaps_over_50us_ms']:.1f} ms of them in gaps over 50 us; the longest, "
+              "and what the CPU ran meanwhile:", *(f"  {g['ms']:.2f} ms  {g['cpu']}" for g in longest[:5]), sep="\n")
     if args.trace:  # marked as ours, so that the same command may replace it
         common.atomic_write(args.trace, prof.export_chrome_trace)
         common.write_text(args.trace, json.dumps({**json.loads(Path(args.trace).read_text()), "written_by": "benchmark.py"}))

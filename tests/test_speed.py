@@ -98,9 +98,12 @@ def test_benchmark_runs_on_the_cpu_in_a_steady_state_and_projects_the_pipeline(t
 
 
 
-def test_idle_gaps_are_the_times_no_kernel_ran():
+def test_idle_gaps_are_the_times_no_kernel_ran_and_name_what_the_cpu_ran():
     busy, wall, gaps = benchmark.idle_gaps([(20, 25), (0, 10), (5, 12), (30, 31), (24, 26)])
-    assert (busy, wall, gaps) == (19, 31, [8, 4])  # 0-12, 20-26 and 30-31 busy; idle 12-20 and 26-30
+    assert (busy, wall, gaps) == (19, 31, [(8, 12), (4, 26)])  # 0-12, 20-26 and 30-31 busy; idle 12-20 and 26-30
+    operators = [(0, 40, "step"), (11, 19, "Optimizer.step"), (14, 17, "cudaStreamSynchronize"), (25, 29, "aten::item")]
+    assert benchmark.running_at(operators, 16) == "step > Optimizer.step > cudaStreamSynchronize"
+    assert benchmark.running_at(operators, 28) == "step > aten::item" and benchmark.running_at(operators, 50) == "no operator"
 
 
 def test_profile_of_a_step_names_its_operators_and_writes_a_trace(tmp_path):
@@ -116,6 +119,19 @@ def test_profile_of_a_step_names_its_operators_and_writes_a_trace(tmp_path):
     mine.write_text("{}")
     assert_user_error(run_script("benchmark.py", *profile[:-1], mine, check=False), f"--trace {mine} exists and was not written")
     assert_user_error(run_script("benchmark.py", "--trace", trace, check=False), "--trace goes with --profile")
+
+
+def test_profile_reports_the_devices_idle_gaps(tmp_path, monkeypatch):
+    """The GPU's part of --profile, with the CPU's operators standing in for the kernels (no GPU here)."""
+    cpu = torch.autograd.DeviceType.CPU
+    monkeypatch.setattr(torch.autograd, "DeviceType", argparse.Namespace(CUDA=cpu, CPU=cpu))
+    report = tmp_path / "profile.json"
+    result = run_script("benchmark.py", "--device", "cpu", "--backbone", "tiny_unet", "--shrink", 16, "--steps", 2, "--repeats", 1,
+                        "--min-warmup", 2, "--max-warmup", 4, "--datasets", "voc", "--profile", "stage 1", "--json", report)
+    profile = json.load(open(report))["profile"]
+    assert 0 < profile["device_busy_ms"] <= profile["device_wall_ms"] and profile["gaps"] > 0
+    longest = [gap["ms"] for gap in profile["longest_gaps"]]
+    assert len(longest) == min(10, profile["gaps"]) and longest == sorted(longest, reverse=True) and "idle gaps" in result.stdout
 
 def test_warm_up_lasts_until_the_step_time_settles():
     """A step that is slow for its first calls (as compiled code is) is warmed up until it is not."""
