@@ -242,14 +242,19 @@ def plan(args, device):
     return cases
 
 
-def time_case(args, device, dataset, case, precision, channels_last, compile, flop_counts):
+def build_case(args, device, dataset, case, precision, channels_last, compile):
+    """A case at the dataset's (shrunk) shapes: (its step, images a step, its FLOP function, its flags)."""
     shape = shrunk(DATASETS[dataset], args)
     build, aux_head = CASES[case]
     flags = recipe(args, shape, precision, channels_last, compile, aux_head)
+    return (*build(args, shape, device, flags), flags)
+
+
+def time_case(args, device, dataset, case, precision, channels_last, compile, flop_counts):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step, images_per_step, flops = build(args, shape, device, flags)
+    step, images_per_step, flops, flags = build_case(args, device, dataset, case, precision, channels_last, compile)
     if (dataset, case) not in flop_counts:  # the same for every precision and layout
         flop_counts[dataset, case] = count_flops(flops)
     flop = flop_counts[dataset, case]
@@ -430,10 +435,7 @@ def profile_case(args, device, case):
     left it waiting."""
     from torch.profiler import ProfilerActivity, profile
     dataset, precision = args.datasets[0], "bf16" if device.type == "cuda" else "fp32"
-    shape = shrunk(DATASETS[dataset], args)
-    build, aux_head = CASES[case]
-    flags = recipe(args, shape, precision, device.type == "cuda", args.compile, aux_head)
-    step, images_per_step, _ = build(args, shape, device, flags)
+    step, images_per_step, _, _ = build_case(args, device, dataset, case, precision, device.type == "cuda", args.compile)
     seconds = time_steps(step, args, device, args.compile)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -463,9 +465,11 @@ def profile_case(args, device, case):
         print(f"the device ran kernels {100 * busy / wall:.0f}% of {wall / 1e3:.1f} ms ({wall / 1e3 / args.steps:.1f} ms a step); "
               f"{len(gaps)} idle gaps, {result['gaps_over_50us_ms']:.1f} ms of them in gaps over 50 us; the longest, "
               "and what the CPU ran meanwhile:", *(f"  {g['ms']:.2f} ms  {g['cpu']}" for g in longest[:5]), sep="\n")
-    if args.trace:  # marked as ours, so that the same command may replace it
-        common.atomic_write(args.trace, prof.export_chrome_trace)
-        common.write_text(args.trace, json.dumps({**json.loads(Path(args.trace).read_text()), "written_by": "benchmark.py"}))
+    if args.trace:
+        def write_trace(tmp):  # marked as ours before it takes its name, so that the same command may replace it
+            prof.export_chrome_trace(tmp)
+            Path(tmp).write_text(json.dumps({**json.loads(Path(tmp).read_text()), "written_by": "benchmark.py"}))
+        common.atomic_write(args.trace, write_trace)
         print(f"trace written to {args.trace}")
     return result
 
@@ -502,10 +506,11 @@ def main(argv=None):
     if args.trace:
         evaluate.check_result_file(args.trace, "--trace", "benchmark.py")
     torch.manual_seed(0)
+    about = {"written_by": "benchmark.py", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "torch": torch.__version__, "torchvision": __import__("torchvision").__version__, "backbone": args.backbone,
+             "shrink": args.shrink}
     if args.profile:
-        common.write_json(args.json, {"written_by": "benchmark.py", "device": torch.cuda.get_device_name(device)
-                                      if device.type == "cuda" else "cpu", "torch": torch.__version__, "backbone": args.backbone,
-                                      "shrink": args.shrink, "profile": profile_case(args, device, args.profile)})
+        common.write_json(args.json, {**about, "profile": profile_case(args, device, args.profile)})
         print(f"written to {args.json}")
         return
     if args.scripts:  # the cases the scripts run, at their precision and layout
@@ -530,9 +535,7 @@ def main(argv=None):
                 count = args.loader_images if dataset == "voc" else max(3, args.loader_images // 3)  # 2048x1024 PNGs are slow to write
                 root = write_images(os.path.join(folder, dataset), dataset, count, shrunk(DATASETS[dataset], args)["image"])
                 loaders[dataset] = time_loaders(args, dataset, root)
-    report = {"written_by": "benchmark.py", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "torchvision": __import__("torchvision").__version__, "backbone": args.backbone,
-              "shrink": args.shrink, "workers": args.workers, "cases": results, "loaders": loaders,
+    report = {**about, "workers": args.workers, "cases": results, "loaders": loaders,
               "projection": {} if args.scripts else {dataset: project(results, loaders, dataset) for dataset in args.datasets}}
     if args.scripts:
         report["scripts"] = run_scripts(args, device, results)
