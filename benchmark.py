@@ -455,6 +455,11 @@ def profile_case(args, device, case):
               "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in top]}
     events = prof.events()
     kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # Each operator Python starts costs the host microseconds whatever its size: many, and the GPU waits for the host.
+    result.update(operators_per_step=sum(e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None
+                                         for e in events) / args.steps, kernels_per_step=len(kernels) / args.steps)
+    print(f"a step starts {result['operators_per_step']:.0f} operators from Python" +
+          (f" and runs {result['kernels_per_step']:.0f} kernels" if kernels else ""))
     if kernels:  # times in microseconds
         busy, wall, gaps = idle_gaps(kernels)
         operators = [(e.time_range.start, e.time_range.end, e.name) for e in events

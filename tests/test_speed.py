@@ -113,6 +113,8 @@ def test_profile_of_a_step_names_its_operators_and_writes_a_trace(tmp_path):
     result = run_script("benchmark.py", *profile)
     top = json.load(open(report))["profile"]["top"]
     assert "aten::convolution_backward" in {row["name"] for row in top} and all(row["self_ms"] >= 0 for row in top)
+    counts = json.load(open(report))["profile"]
+    assert counts["kernels_per_step"] == 0 and 50 < counts["operators_per_step"] < 5000 and "operators from Python" in result.stdout
     assert "traceEvents" in json.load(open(trace)) and "the profile of 2 steps" in result.stdout
     run_script("benchmark.py", *profile)  # the same command replaces its own trace
     mine = tmp_path / "mine.json"
@@ -130,6 +132,7 @@ def test_profile_reports_the_devices_idle_gaps(tmp_path, monkeypatch):
                         "--min-warmup", 2, "--max-warmup", 4, "--datasets", "voc", "--profile", "stage 1", "--json", report)
     profile = json.load(open(report))["profile"]
     assert 0 < profile["device_busy_ms"] <= profile["device_wall_ms"] and profile["gaps"] > 0
+    assert profile["kernels_per_step"] > profile["operators_per_step"] > 0  # every CPU event stands in for a kernel here
     longest = [gap["ms"] for gap in profile["longest_gaps"]]
     assert len(longest) == min(10, profile["gaps"]) and longest == sorted(longest, reverse=True) and "idle gaps" in result.stdout
 
