@@ -116,7 +116,7 @@ def evaluate_val(model, description, args, device, scale, save=False):
     confusion = common.ConfusionMatrix(len(description.class_names))
     for images, masks, indices in loader:
         predictions = predict(model, common.images_to_device(images, device, device.type == "cuda"), args, scale).argmax(1)
-        confusion.update(masks.to(device), predictions)
+        confusion.update(masks.to(device, non_blocking=True), predictions)
         for index, prediction in zip(indices.tolist(), predictions.cpu().numpy() if save else []):
             path = os.path.join(args.save_dir, f"{dataset.ids[index]}.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)  # your own data's ids may have folders in them

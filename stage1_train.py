@@ -310,7 +310,7 @@ def val_confusion(model, loader, device, num_classes, scale=1.0, amp=False, head
     confusion = common.ConfusionMatrix(num_classes)
     for images, masks, _ in loader:
         images = common.images_to_device(images, device, channels_last=device.type == "cuda")
-        confusion.update(masks.to(device), common.predict(model, images, scale, amp, head).argmax(1))
+        confusion.update(masks.to(device, non_blocking=True), common.predict(model, images, scale, amp, head).argmax(1))
     confusion.matrix = common.sum_over_processes(confusion.matrix)
     model.train(was_training)
     return confusion

@@ -289,7 +289,7 @@ def main(argv=None):
         for images, masks, indices in loader:
             probs = common.predict(model, common.images_to_device(images, device, device.type == "cuda"), image_scale, args.amp)
             region = ego if ego is not None and ego.shape == masks.shape[-2:] else None
-            predictions, max_prob, rows = batch_stats(probs, masks.to(device), len(class_names), region)
+            predictions, max_prob, rows = batch_stats(probs, masks.to(device, non_blocking=True), len(class_names), region)
             predictions, rows = predictions.byte().cpu().numpy(), rows.cpu().numpy()  # the batch read back at once
             confidences = (max_prob * 255).round().byte().cpu().numpy() if args.save_confidence else [None] * len(rows)
             for index, prediction, row, confidence in zip(indices.tolist(), predictions, rows, confidences):

@@ -273,10 +273,11 @@ def main(argv=None):
     while step < args.iters:
         x_l, y_l, p_l, _ = next(labeled_batches)
         x_weak, x_strong, p_strong, source, _ = next(unlabeled_batches)
-        labeled_batch = (common.images_to_device(x_l, device, args.channels_last), y_l.to(device), p_l.to(device))
-        unlabeled_batch = (common.images_to_device(x_weak, device, args.channels_last),
-                           common.images_to_device(x_strong, device, args.channels_last), p_strong.to(device), source.to(device))
-        terms = train_one_step(net, teacher_net, labeled_batch, unlabeled_batch, optimizer, scheduler, decay, args)
+        x_l, x_weak, x_strong = (common.images_to_device(x, device, args.channels_last) for x in (x_l, x_weak, x_strong))
+        # non_blocking: a blocking copy to the GPU would first wait for all the work queued there
+        y_l, p_l, p_strong, source = (t.to(device, non_blocking=True) for t in (y_l, p_l, p_strong, source))
+        terms = train_one_step(net, teacher_net, (x_l, y_l, p_l), (x_weak, x_strong, p_strong, source), optimizer, scheduler,
+                               decay, args)
         step += 1
         progress.update(step, terms, scheduler.get_last_lr()[0], ema=decay[0])
         if (step % args.save_every == 0 or step == args.iters) and common.is_main_process():
