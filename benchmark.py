@@ -1,7 +1,7 @@
 """Speed and memory of every stage in a steady state, the whole pipeline projected from them, and,
 with --scripts, the real scripts end to end on a written VOC-sized tree to check the projection.
 
-    python benchmark.py                         on a GPU: every case, VOC and Cityscapes shapes, ResNet-101, bf16 and fp32
+    python benchmark.py                         on a GPU: every case, VOC's and Cityscapes' shapes, bf16 and fp32
     python benchmark.py --compile               also the torch.compile'd training steps (minutes of compiling)
     python benchmark.py --scripts --amp         the four scripts end to end on a written VOC-sized tree
     python benchmark.py --profile "multi-task, ĝ" --datasets voc --trace step.json    where a step's time goes
@@ -50,8 +50,9 @@ DATASETS = {
     "voc": dict(classes=21, batch=16, crop=(321, 321), labeled=1, unlabeled=9, image=(375, 500), image_scale=1.0,
                 stage1_iters=stage1_train.IMAGES_SEEN // 16, multitask_iters=stage3_multitask.DEFAULT_ITERS,
                 train_images=10582, val_images=1449),
-    "cityscapes": dict(classes=19, batch=4, crop=(256, 512), labeled=1, unlabeled=4, image=(1024, 2048), image_scale=0.5,
-                       stage1_iters=20_000, multitask_iters=stage3_multitask.DEFAULT_ITERS, train_images=2975, val_images=500),
+    "cityscapes": dict(classes=19, batch=4, crop=(256, 512), labeled=1, unlabeled=4, image=(1024, 2048),
+                       image_scale=0.5, stage1_iters=20_000, multitask_iters=stage3_multitask.DEFAULT_ITERS,
+                       train_images=2975, val_images=500),
 }
 INFERENCE_BATCH = 8  # stage2_pseudolabel.py's and evaluate.py's default
 # Dense peak TFLOP/s by the vendors' datasheets: (bf16, tf32). fp32 convolutions run as TF32 on these
@@ -69,22 +70,26 @@ def get_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps in bf16")
     parser.add_argument("--steps", type=int, default=10, help="steps in a block (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed blocks, after the warm-up (default: %(default)s)")
-    parser.add_argument("--min-warmup", type=int, default=20, help="the fewest warm-up steps (default: %(default)s; 50 compiled)")
+    parser.add_argument("--min-warmup", type=int, default=20,
+                        help="the fewest warm-up steps (default: %(default)s; 50 compiled)")
     parser.add_argument("--max-warmup", type=int, default=300, help="the most warm-up steps (default: %(default)s)")
     parser.add_argument("--shrink", type=int, default=1,
                         help="divide every image side and batch by this, for a quick run on the CPU (default: 1)")
     parser.add_argument("--loader-images", type=int, default=48,
-                        help="images written at each dataset's size to time the data loaders; 0 skips them (default: %(default)s)")
+                        help="images written at each dataset's size to time the data loaders; 0 skips them "
+                             "(default: %(default)s)")
     parser.add_argument("--data-root", help="time the loaders on this dataset instead of written images")
     parser.add_argument("--workers", type=int, default=common.default_workers(),
                         help="data-loading processes, as the scripts' default (default: %(default)s)")
     parser.add_argument("--scripts", action="store_true", help="run the four scripts end to end instead (see above)")
     parser.add_argument("--amp", action="store_true", help="with --scripts: bf16, as the scripts' --amp")
     parser.add_argument("--train-images", type=int, default=2000, help="with --scripts (default: %(default)s)")
-    parser.add_argument("--script-steps", type=int, default=300, help="with --scripts: steps of stages 1 and 3 (default: %(default)s)")
+    parser.add_argument("--script-steps", type=int, default=300,
+                        help="with --scripts: steps of stages 1 and 3 (default: %(default)s)")
     parser.add_argument("--profile", choices=list(CASES), metavar="CASE",
-                        help="instead: profile one case (of --cases' names) on the first of --datasets after its warm-up, "
-                             "--steps steps under torch.profiler: the top operators and kernels, the device's idle gaps")
+                        help="instead: profile one case (of --cases' names) on the first of --datasets after its "
+                             "warm-up, --steps steps under torch.profiler: the top operators and kernels, the device's "
+                             "idle gaps")
     parser.add_argument("--trace", help="with --profile: also write the Chrome trace here (chrome://tracing, Perfetto)")
     parser.add_argument("--json", default="benchmark.json", help="write every figure here (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -100,17 +105,18 @@ def get_args(argv=None):
 def shrunk(shape, args):
     """A dataset's shapes divided by --shrink (sides at least 16 pixels, batches at least 1; 2 for a DeepLab batch)."""
     smallest = 1 if args.backbone == "tiny_unet" else 2
-    return {**shape, "batch": max(smallest, shape["batch"] // args.shrink), "labeled": max(1, shape["labeled"] // args.shrink),
-            "unlabeled": max(1, shape["unlabeled"] // args.shrink),
-            "crop": tuple(max(16, x // args.shrink) for x in shape["crop"]), "image": tuple(max(16, x // args.shrink) for x in shape["image"])}
+    return {**shape, "batch": max(smallest, shape["batch"] // args.shrink),
+            "labeled": max(1, shape["labeled"] // args.shrink), "unlabeled": max(1, shape["unlabeled"] // args.shrink),
+            "crop": tuple(max(16, x // args.shrink) for x in shape["crop"]),
+            "image": tuple(max(16, x // args.shrink) for x in shape["image"])}
 
 
 def recipe(args, shape, precision, channels_last, compile, aux_head=None):
     """The flags a script would have for this case."""
     return argparse.Namespace(
-        backbone=args.backbone, aux_head=aux_head, optimizer="sgd", lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4, warmup=0,
-        iters=10**9, w_sup=1.0, w_con=0.5, ema_decay=None, amp=precision == "bf16", channels_last=channels_last,
-        compile=compile, distributed=False)
+        backbone=args.backbone, aux_head=aux_head, optimizer="sgd", lr=1e-3, head_lr_mult=10.0, weight_decay=1e-4,
+        warmup=0, iters=10**9, w_sup=1.0, w_con=0.5, ema_decay=None, amp=precision == "bf16",
+        channels_last=channels_last, compile=compile, distributed=False)
 
 
 def synchronize(device):
@@ -163,7 +169,8 @@ def peak_flops(device, amp):
 
 def random_batch(n, crop, classes, device, channels_last):
     images = torch.randn(n, 3, *crop, device=device)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images, torch.randint(0, classes, (n, *crop), device=device)
+    images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return images, torch.randint(0, classes, (n, *crop), device=device)
 
 
 def stage1_case(args, shape, device, flags):
@@ -174,17 +181,20 @@ def stage1_case(args, shape, device, flags):
 
     def flops():
         model = common.build_model(args.backbone, shape["classes"], weights="none")
-        F.cross_entropy(model(torch.zeros(shape["batch"], 3, *shape["crop"])), torch.zeros(shape["batch"], *shape["crop"], dtype=torch.long)).backward()
-    return lambda: stage1_train.train_one_step(net, images, masks, optimizer, scheduler, flags.amp), shape["batch"], flops
+        masks = torch.zeros(shape["batch"], *shape["crop"], dtype=torch.long)
+        F.cross_entropy(model(torch.zeros(shape["batch"], 3, *shape["crop"])), masks).backward()
+
+    def step():
+        return stage1_train.train_one_step(net, images, masks, optimizer, scheduler, flags.amp)
+    return step, shape["batch"], flops
 
 
 def multitask_case(args, shape, device, flags):
     student = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head)
     optimizer, scheduler = stage1_train.make_optimizer(student, flags)
-    net = stage1_train.prepare_model(student, flags, device)
-    decay = [0.99]
-    teacher = stage3_multitask.make_teacher(student, decay)
-    teacher_net = torch.compile(teacher) if flags.compile else teacher
+    student = stage1_train.prepare_model(student, flags, device)
+    teacher, update_teacher = stage3_multitask.make_teacher(stage1_train.unwrapped(student))
+    teacher = torch.compile(teacher) if flags.compile else teacher
     n_l, n_u, crop = shape["labeled"], shape["unlabeled"], shape["crop"]
 
     def batches(device, make=random_batch):
@@ -198,9 +208,11 @@ def multitask_case(args, shape, device, flags):
     def flops():
         model = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head)
         frozen = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head).eval()
-        meta_labeled, meta_unlabeled = batches(None, lambda n, c, k, d, cl: (torch.zeros(n, 3, *c), torch.zeros(n, *c, dtype=torch.long)))
+        meta_labeled, meta_unlabeled = batches(None, lambda n, c, k, d, cl: (torch.zeros(n, 3, *c),
+                                                                            torch.zeros(n, *c, dtype=torch.long)))
         stage3_multitask.losses(model, frozen, meta_labeled, meta_unlabeled, 1.0, 0.5, False)["L"].backward()
-    step = lambda: stage3_multitask.train_one_step(net, teacher_net, labeled, unlabeled, optimizer, scheduler, decay, flags)  # noqa: E731
+    step = lambda: stage3_multitask.train_one_step(student, teacher, update_teacher, labeled, unlabeled,  # noqa: E731
+                                                   optimizer, scheduler, flags)
     return step, n_l + n_u, flops
 
 
@@ -213,9 +225,9 @@ def inference_case(args, shape, device, flags):
     images = images.contiguous(memory_format=torch.channels_last) if flags.channels_last else images
 
     def flops():
-        common.predict(common.build_model(args.backbone, shape["classes"], weights="none").eval(), torch.zeros(n, 3, *shape["image"]),
-                       shape["image_scale"])
-    return lambda: common.predict(model, images, shape["image_scale"], flags.amp), n, flops
+        evaluate.image_probs(common.build_model(args.backbone, shape["classes"], weights="none").eval(),
+                             torch.zeros(n, 3, *shape["image"]), shape["image_scale"])
+    return lambda: evaluate.image_probs(model, images, shape["image_scale"], flags.amp), n, flops
 
 
 CASES = {"stage 1": (stage1_case, None), "multi-task, ĝ": (multitask_case, "separate"),
@@ -260,11 +272,13 @@ def time_case(args, device, dataset, case, precision, channels_last, compile, fl
     flop = flop_counts[dataset, case]
     seconds, slowest, fastest, warmup = time_steps(step, args, device, compile)
     peak = peak_flops(device, flags.amp)
-    return {"dataset": dataset, "case": case, "precision": precision, "channels_last": channels_last, "compile": compile,
-            "images_per_step": images_per_step, "steps_per_s": 1 / seconds, "steps_per_s_range": [1 / slowest, 1 / fastest],
-            "warmup_steps": warmup, "images_per_s": images_per_step / seconds,
+    return {"dataset": dataset, "case": case, "precision": precision, "channels_last": channels_last,
+            "compile": compile, "images_per_step": images_per_step, "steps_per_s": 1 / seconds,
+            "steps_per_s_range": [1 / slowest, 1 / fastest], "warmup_steps": warmup,
+            "images_per_s": images_per_step / seconds,
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-            "tflop_per_step": flop / 1e12, "tflop_per_s": flop / seconds / 1e12, "share_of_peak": flop / seconds / peak if peak else None}
+            "tflop_per_step": flop / 1e12, "tflop_per_s": flop / seconds / 1e12,
+            "share_of_peak": flop / seconds / peak if peak else None}
 
 
 # ----------------------------------------------------------------------------- the data loaders
@@ -278,7 +292,8 @@ def write_images(root, dataset, count, size, val=0):
         height, width = size if dataset != "voc" or index % 3 else size[::-1]
         yy, xx = np.mgrid[0:height, 0:width]
         a, b, c = rng.uniform(0.002, 0.02, size=3)
-        image = (127 + 120 * np.stack([np.sin(a * xx + b * yy), np.sin(b * xx - c * yy), np.sin(c * xx + a * yy)], -1)).astype(np.uint8)
+        waves = [np.sin(a * xx + b * yy), np.sin(b * xx - c * yy), np.sin(c * xx + a * yy)]
+        image = (127 + 120 * np.stack(waves, -1)).astype(np.uint8)
         mask = ((xx * a * 10 + yy * b * 10).astype(int) % 5).astype(np.uint8)
         if dataset == "voc":
             for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"]:
@@ -290,11 +305,14 @@ def write_images(root, dataset, count, size, val=0):
             for folder in ["leftImg8bit", "gtFine"]:
                 for s in ["train", "val"]:
                     os.makedirs(os.path.join(root, folder, s, "city"), exist_ok=True)
-            Image.fromarray(image).save(os.path.join(root, "leftImg8bit", split, "city", f"{image_id}_leftImg8bit.png"))
-            Image.fromarray(mask + 7, mode="L").save(os.path.join(root, "gtFine", split, "city", f"{image_id}_gtFine_labelIds.png"))
+            Image.fromarray(image).save(os.path.join(root, "leftImg8bit", split, "city",
+                                                     f"{image_id}_leftImg8bit.png"))
+            Image.fromarray(mask + 7, mode="L").save(os.path.join(root, "gtFine", split, "city",
+                                                                  f"{image_id}_gtFine_labelIds.png"))
     if dataset == "voc":
         for name, listed in [("train", ids[:count]), ("val", ids[count:])]:
-            common.write_text(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt"), "".join(f"{i}\n" for i in listed))
+            common.write_text(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt"),
+                              "".join(f"{i}\n" for i in listed))
     return root
 
 
@@ -320,13 +338,15 @@ def time_loaders(args, dataset, root):
     crop = list(shape["crop"])
     scale_range = [shape["image_scale"] * s for s in ([0.5, 1.5] if dataset == "voc" else [1.0, 1.0])]
     labeled = common.SegmentationDataset(description, ids, stage1_train.augment(crop, scale_range, False))
-    strong = stage3_multitask.StrongViewDataset(common.SegmentationDataset(description, ids), common.weak_augment(crop, scale_range))
-    full = common.SegmentationDataset(description, ids * max(1, 2000 // len(ids)), masks_optional=True)  # long enough to time
+    strong = stage3_multitask.StrongViewDataset(common.SegmentationDataset(description, ids),
+                                                stage1_train.weak_augment(crop, scale_range))
+    full = common.SegmentationDataset(description, ids * max(1, 2000 // len(ids)), masks_optional=True)  # to time
     return {
         "stage 1": images_per_second(stage1_train.train_loader(labeled, shape["batch"], args.workers, 0), args.workers),
-        "multi-task (weak + S)": images_per_second(stage1_train.train_loader(strong, shape["unlabeled"], args.workers, 0),
-                                                   args.workers),
-        "pseudo-labels / eval": images_per_second(iter(common.full_image_loader(full, INFERENCE_BATCH, args.workers)), args.workers),
+        "multi-task (weak + S)": images_per_second(
+            stage1_train.train_loader(strong, shape["unlabeled"], args.workers, 0), args.workers),
+        "pseudo-labels / eval": images_per_second(iter(evaluate.full_image_loader(full, INFERENCE_BATCH, args.workers)),
+                                                  args.workers),
     }
 
 
@@ -351,12 +371,15 @@ def project(results, loaders, dataset):
         "stage 1": seconds("stage 1", shape["stage1_iters"] * shape["batch"], "stage 1"),
         "multi-task, ĝ": seconds("multi-task, ĝ", multitask, "multi-task (weak + S)"),
         "multi-task, g̃": seconds("multi-task, g̃", multitask, "multi-task (weak + S)"),
-        # three rounds of pseudo-masks; val once after stage 1, twice (both heads) after each multi-task stage, once by evaluate.py
-        "pseudo-labels and evaluation": seconds("pseudo-labels / eval", 3 * shape["train_images"] + 6 * shape["val_images"],
+        # three rounds of pseudo-masks; val once after stage 1, twice (both heads) after each multi-task stage,
+        # once by evaluate.py
+        "pseudo-labels and evaluation": seconds("pseudo-labels / eval",
+                                                3 * shape["train_images"] + 6 * shape["val_images"],
                                                 "pseudo-labels / eval"),
     }
     return {"hours": {k: v / 3600 for k, v in parts.items()}, "total_hours": sum(parts.values()) / 3600,
-            "settings": {k: {key: r[key] for key in ["precision", "channels_last", "compile"]} for k, r in best.items()}}
+            "settings": {k: {key: r[key] for key in ["precision", "channels_last", "compile"]}
+                         for k, r in best.items()}}
 
 
 # ----------------------------------------------------------------------------- the scripts end to end
@@ -368,19 +391,22 @@ def run_scripts(args, device, results):
     rates = {r["case"]: r for r in results}
     report = []
     with tempfile.TemporaryDirectory() as folder:
-        root = write_images(os.path.join(folder, "VOC2012"), "voc", args.train_images, shape["image"], max(1, args.train_images // 10))
-        common_flags = ["--backbone", args.backbone, "--weights", "none", "--workers", args.workers, "--device", device.type,
-                        "--crop-size", shape["crop"][0], "--print-every", 20, "--save-every", 10**6] + (["--amp"] if args.amp else [])
+        root = write_images(os.path.join(folder, "VOC2012"), "voc", args.train_images, shape["image"],
+                            max(1, args.train_images // 10))
+        amp = ["--amp"] if args.amp else []
+        common_flags = ["--backbone", args.backbone, "--weights", "none", "--workers", args.workers, "--device",
+                        device.type, "--crop-size", shape["crop"][0], "--print-every", 20, "--save-every", 10**6, *amp]
         commands = [
             ("stage 1", ["stage1_train.py", "--data-root", root, "--labeled", min(args.train_images, 1464),
-                         "--batch-size", shape["batch"], "--iters", args.script_steps, *common_flags, "--out", f"{folder}/s1"]),
+                         "--batch-size", shape["batch"], "--iters", args.script_steps, *common_flags,
+                         "--out", f"{folder}/s1"]),
             ("pseudo-labels / eval", ["stage2_pseudolabel.py", "--checkpoint", f"{folder}/s1", "--out", f"{folder}/p1",
-                                      "--workers", args.workers, "--device", device.type] + (["--amp"] if args.amp else [])),
+                                      "--workers", args.workers, "--device", device.type, *amp]),
             ("multi-task, ĝ", ["stage3_multitask.py", "--pseudo", f"{folder}/p1", "--batch-labeled", shape["labeled"],
                                "--batch-unlabeled", shape["unlabeled"], "--iters", args.script_steps, *common_flags,
                                "--out", f"{folder}/s2"]),
-            ("evaluate", ["evaluate.py", "--checkpoint", f"{folder}/s2", "--workers", args.workers, "--device", device.type]
-             + (["--amp"] if args.amp else [])),
+            ("evaluate", ["evaluate.py", "--checkpoint", f"{folder}/s2", "--workers", args.workers, "--device",
+                          device.type, *amp]),
         ]
         for case, command in commands:
             start = time.perf_counter()
@@ -396,12 +422,14 @@ def run_scripts(args, device, results):
                 benchmark = rates[case]["images_per_s"] if case in rates else None
             elif out:
                 lines = [json.loads(line) for line in open(os.path.join(out, "history.jsonl")) if "it_per_s" in line]
-                rate, unit, length = float(np.median([r["it_per_s"] for r in lines[2:] or lines])), "steps/s", args.script_steps
+                rate, unit = float(np.median([r["it_per_s"] for r in lines[2:] or lines])), "steps/s"
+                length = args.script_steps
                 benchmark = rates[case]["steps_per_s"] if case in rates else None
             else:
                 rate, unit, length, benchmark = None, None, max(1, args.train_images // 10), None
-            report.append({"script": command[0], "case": case, "length": length, "wall_s": wall, "rate": rate, "unit": unit,
-                           "benchmark_rate": benchmark, "ratio": rate / benchmark if rate and benchmark else None})
+            report.append({"script": command[0], "case": case, "length": length, "wall_s": wall, "rate": rate,
+                           "unit": unit, "benchmark_rate": benchmark,
+                           "ratio": rate / benchmark if rate and benchmark else None})
     return report
 
 
@@ -435,7 +463,8 @@ def profile_case(args, device, case):
     left it waiting."""
     from torch.profiler import ProfilerActivity, profile
     dataset, precision = args.datasets[0], "bf16" if device.type == "cuda" else "fp32"
-    step, images_per_step, _, _ = build_case(args, device, dataset, case, precision, device.type == "cuda", args.compile)
+    step, images_per_step, _, _ = build_case(args, device, dataset, case, precision, device.type == "cuda",
+                                             args.compile)
     seconds = time_steps(step, args, device, args.compile)[0]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -454,7 +483,8 @@ def profile_case(args, device, case):
               "steps_per_s": 1 / seconds, "images_per_step": images_per_step,
               "top": [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3} for e in top]}
     events = prof.events()
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [(e.time_range.start, e.time_range.end) for e in events
+               if e.device_type == torch.autograd.DeviceType.CUDA]
     # Each operator Python starts costs the host microseconds whatever its size: many, and the GPU waits for the host.
     result.update(operators_per_step=sum(e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None
                                          for e in events) / args.steps, kernels_per_step=len(kernels) / args.steps)
@@ -464,10 +494,12 @@ def profile_case(args, device, case):
         busy, wall, gaps = idle_gaps(kernels)
         operators = [(e.time_range.start, e.time_range.end, e.name) for e in events
                      if e.device_type == torch.autograd.DeviceType.CPU]
-        longest = [{"ms": length / 1e3, "cpu": running_at(operators, start + length / 2)} for length, start in gaps[:10]]
+        longest = [{"ms": length / 1e3, "cpu": running_at(operators, start + length / 2)}
+                   for length, start in gaps[:10]]
         result.update(device_busy_ms=busy / 1e3, device_wall_ms=wall / 1e3, gaps=len(gaps), longest_gaps=longest,
                       gaps_over_50us_ms=sum(length for length, _ in gaps if length > 50) / 1e3)
-        print(f"the device ran kernels {100 * busy / wall:.0f}% of {wall / 1e3:.1f} ms ({wall / 1e3 / args.steps:.1f} ms a step); "
+        print(f"the device ran kernels {100 * busy / wall:.0f}% of {wall / 1e3:.1f} ms "
+              f"({wall / 1e3 / args.steps:.1f} ms a step); "
               f"{len(gaps)} idle gaps, {result['gaps_over_50us_ms']:.1f} ms of them in gaps over 50 us; the longest, "
               "and what the CPU ran meanwhile:", *(f"  {g['ms']:.2f} ms  {g['cpu']}" for g in longest[:5]), sep="\n")
     if args.trace:
@@ -488,10 +520,12 @@ def print_report(report):
         share = f"{100 * r['share_of_peak']:7.0f}%" if r["share_of_peak"] else f"{'-':>8}"
         low, high = r["steps_per_s_range"]
         print(f"{r['dataset']:<11}{r['case']:<22}{r['precision']:<6}{'NHWC' if r['channels_last'] else 'NCHW':<8}"
-              f"{'yes' if r['compile'] else 'no':<8}{r['steps_per_s']:8.2f} [{low:.2f}-{high:.2f}]{r['images_per_s']:8.1f}{memory}"
+              f"{'yes' if r['compile'] else 'no':<8}{r['steps_per_s']:8.2f} [{low:.2f}-{high:.2f}]"
+              f"{r['images_per_s']:8.1f}{memory}"
               f"{r['tflop_per_step']:11.3f}{r['tflop_per_s']:9.1f}{share}")
     for dataset, rates in report["loaders"].items():
-        print(f"data loader, {dataset}, {report['workers']} workers: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
+        print(f"data loader, {dataset}, {report['workers']} workers: "
+              + ", ".join(f"{k} {v:.0f} img/s" for k, v in rates.items()))
     for dataset, projection in report["projection"].items():
         if projection:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in projection["hours"].items())
@@ -499,7 +533,8 @@ def print_report(report):
     for s in report.get("scripts", []):
         rate = f"{s['rate']:.2f} {s['unit']}" if s["rate"] else "-"
         versus = f", the step benchmark {s['benchmark_rate']:.2f}: {s['ratio']:.2f} of it" if s["ratio"] else ""
-        print(f"{s['script']:<24} {s['length']:>6} {'steps' if s['unit'] == 'steps/s' else 'images'}: {s['wall_s']:6.1f} s "
+        print(f"{s['script']:<24} {s['length']:>6} {'steps' if s['unit'] == 'steps/s' else 'images'}: "
+              f"{s['wall_s']:6.1f} s "
               f"wall, its steady rate {rate}{versus}")
 
 
@@ -511,16 +546,18 @@ def main(argv=None):
     if args.trace:
         evaluate.check_result_file(args.trace, "--trace", "benchmark.py")
     torch.manual_seed(0)
-    about = {"written_by": "benchmark.py", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "torch": torch.__version__, "torchvision": __import__("torchvision").__version__, "backbone": args.backbone,
-             "shrink": args.shrink}
+    about = {"written_by": "benchmark.py",
+             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "torch": torch.__version__, "torchvision": __import__("torchvision").__version__,
+             "backbone": args.backbone, "shrink": args.shrink}
     if args.profile:
         common.write_json(args.json, {**about, "profile": profile_case(args, device, args.profile)})
         print(f"written to {args.json}")
         return
     if args.scripts:  # the cases the scripts run, at their precision and layout
         precision = "bf16" if args.amp and device.type == "cuda" else "fp32"
-        todo = [("voc", case, precision, device.type == "cuda", False) for case in ["stage 1", "multi-task, ĝ", "pseudo-labels / eval"]]
+        todo = [("voc", case, precision, device.type == "cuda", False)
+                for case in ["stage 1", "multi-task, ĝ", "pseudo-labels / eval"]]
     else:
         todo = plan(args, device)
     results, flop_counts = [], {}
@@ -529,7 +566,8 @@ def main(argv=None):
         r = results[-1]
         print(f"{r['dataset']} {r['case']} {r['precision']} {'NHWC' if r['channels_last'] else 'NCHW'}"
               f"{' compiled' if r['compile'] else ''}: {r['steps_per_s']:.2f} steps/s [{r['steps_per_s_range'][0]:.2f}-"
-              f"{r['steps_per_s_range'][1]:.2f}] after {r['warmup_steps']} warm-up steps, {r['images_per_s']:.1f} images/s", flush=True)
+              f"{r['steps_per_s_range'][1]:.2f}] after {r['warmup_steps']} warm-up steps, "
+              f"{r['images_per_s']:.1f} images/s", flush=True)
     loaders = {}
     if args.data_root:
         description = common.describe_dataset(args.data_root)
@@ -537,11 +575,14 @@ def main(argv=None):
     elif args.loader_images and not args.scripts:
         with tempfile.TemporaryDirectory() as folder:
             for dataset in args.datasets:
-                count = args.loader_images if dataset == "voc" else max(3, args.loader_images // 3)  # 2048x1024 PNGs are slow to write
-                root = write_images(os.path.join(folder, dataset), dataset, count, shrunk(DATASETS[dataset], args)["image"])
+                # 2048x1024 PNGs are slow to write
+                count = args.loader_images if dataset == "voc" else max(3, args.loader_images // 3)
+                root = write_images(os.path.join(folder, dataset), dataset, count,
+                                    shrunk(DATASETS[dataset], args)["image"])
                 loaders[dataset] = time_loaders(args, dataset, root)
     report = {**about, "workers": args.workers, "cases": results, "loaders": loaders,
-              "projection": {} if args.scripts else {dataset: project(results, loaders, dataset) for dataset in args.datasets}}
+              "projection": {} if args.scripts else {dataset: project(results, loaders, dataset)
+                                                     for dataset in args.datasets}}
     if args.scripts:
         report["scripts"] = run_scripts(args, device, results)
     common.write_json(args.json, report)

@@ -1,10 +1,11 @@
-"""What two or more of the scripts share. Sections: files and output folders (one-line errors, atomic
-writes, checkpoints, the record that keeps runs apart); devices and processes; datasets (VOC, Cityscapes,
-your own folder); augmentation (the weak view, the authors' S); the model (DeepLabv3 with the auxiliary
-heads, the demo's tiny U-Net); metric and prediction. How a training run goes is stage1_train.py's."""
+"""What two or more of the scripts share: files and output folders (one-line errors, atomic writes, locks, records,
+checkpoints), devices and processes, datasets and class lists, the model (DeepLabv3 with the auxiliary heads) and the
+metric. Training and its augmentation are stage1_train.py's, prediction is evaluate.py's."""
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -12,6 +13,7 @@ import os
 import random
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,41 +28,53 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.transforms import v2
 
 IGNORE = 255  # the label of pixels that count nowhere: object borders, padding, what S moved in from outside
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
+VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
+               "person pottedplant sheep sofa train tvmonitor").split()
 BACKBONES = ["resnet101", "resnet50", "tiny_unet"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")  # lossless: JPEG changes a mask's values at edges
 MIN_SIDE = 8  # the shortest image side the models take (the tiny U-Net halves it three times)
-RECORD = "run.json"  # in every output folder: the script that wrote it and the recipe it was made with
+RECORD, LOCK = "run.json", "run.lock"  # in every output folder: what made it; while a command writes there: who
 
 
 # ============================================================================= files and output folders
 
 class UserError(Exception):
-    """A mistake in the user's input or files: reported as one line, without a traceback."""
+    """A mistake in the user's input or files, or a full disk: reported as one line, without a traceback."""
+
+
+interrupt_note = "the same command again starts over"  # what Ctrl-C prints; the scripts keep it true as they go
+held_locks = []  # (folder, lock file descriptor, whether this command made the folder)
 
 
 def run_main(main):
-    """Run a script's main(); a UserError (also one raised in a DataLoader worker) becomes one line."""
+    """Run a script's main(); a UserError (also one raised in a DataLoader worker) or an OSError becomes one line."""
     try:
         main()
     except UserError as e:  # a worker's error comes with the worker's traceback in its text: keep the last line
         sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
+    except OSError as e:  # a file that vanished or became unreadable after the checks at the start
+        sys.exit(f"error: {e.filename or 'a file'}: {e.strerror or str(e).strip().splitlines()[-1]}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: the same command again continues where it stopped")
+        sys.exit(f"interrupted: {interrupt_note}")
     finally:
+        release_locks()
         if dist.is_initialized():  # under torchrun: left to the interpreter's exit, its threads may abort the process
             dist.destroy_process_group()
 
 
 def atomic_write(path, write_fn):
-    """Write a file through write_fn(temporary path), then rename it into place: never half a file."""
+    """Write a file through write_fn(temporary path), then rename it into place: never half a file. A failed write
+    (a full disk, a read-only folder) is one line naming the file, and leaves nothing half-written."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write_fn(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        advice = "free space on its disk" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
+        raise UserError(f"cannot write {path}: {e.strerror or e}; {advice}, then run the same command again") from None
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
@@ -72,8 +86,15 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def read_lines(path):
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+def read_lines(path, numbered=False):
+    """A text file's non-empty lines, stripped (numbered: with their line numbers); read as UTF-8, without the
+    byte-order marks some editors write."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").replace("\ufeff", "").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    numbered_lines = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+    return numbered_lines if numbered else [line for _, line in numbered_lines]
 
 
 def is_inside(path, folder):
@@ -82,18 +103,61 @@ def is_inside(path, folder):
 
 
 def open_output(folder, flag, script, reads=()):
-    """The record of `script`'s output folder (None: new or empty); refuses any other, or one inside what it reads."""
+    """Claim `script`'s output folder: refused inside what the command reads, if it holds another script's files,
+    or while another command writes there. Returns its record (None: new or empty)."""
     for source in reads:
         if is_inside(folder, source):
             raise UserError(f"{flag} {folder} is inside {source}, which this command reads; choose a folder outside it")
-    if os.path.isfile(os.path.join(folder, RECORD)):
-        return read_record(folder, flag, script)
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder")
-    if os.path.isdir(folder) and os.listdir(folder):
-        raise UserError(f"{flag} {folder} holds files that {script} did not write ({sorted(os.listdir(folder))[0]}, "
-                        "...); choose a new or empty folder")
+    if first := int(os.environ.get("RANK", 0)) == 0:  # under torchrun the first process claims it for the group
+        lock_folder(folder, flag)
+    if os.path.isfile(os.path.join(folder, RECORD)):
+        for path, _, names in os.walk(folder) if first else []:  # atomic_write's <file>.tmp<pid>: with the lock
+            for name in (name for name in names if re.search(r"\.tmp\d+$", name)):  # held, left by a killed write
+                os.remove(os.path.join(path, name))
+        return read_record(folder, flag, script)
+    others = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
+    if others:
+        raise UserError(f"{flag} {folder} holds files that {script} did not write ({others[0]}, ...); choose a new or "
+                        "empty folder")
     return None
+
+
+def lock_folder(folder, flag):
+    """Hold `folder`'s lock until this process ends: another command writing there is refused, naming the process
+    that holds it. The kernel releases the lock of a process that ends, even killed: none is ever stale."""
+    created, path = not os.path.isdir(folder), os.path.join(folder, LOCK)
+    while True:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{flag} {folder}: cannot write there ({e.strerror}); choose another folder") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a process's own: its loader processes do not inherit it
+        except (BlockingIOError, PermissionError):
+            holder = os.read(fd, 400).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{flag} {folder} is in use by {holder}; wait for it to end, or choose another "
+                            "folder") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break  # else the process that held it removed it meanwhile: lock the new one
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]}), since {time.ctime()}".encode())
+    held_locks.append((folder, fd, created))
+
+
+def release_locks():
+    """Remove this command's lock files, and the folders it made and left empty."""
+    while held_locks:
+        folder, fd, created = held_locks.pop()
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, LOCK))
+            if created:
+                os.rmdir(folder)  # only if empty
+        os.close(fd)
 
 
 def read_record(folder, flag, script):
@@ -101,19 +165,10 @@ def read_record(folder, flag, script):
         record = json.loads(Path(folder, RECORD).read_text())
     except (OSError, ValueError):
         record = {}
-    if record.get("script") != script:
+    if not isinstance(record, dict) or record.get("script") != script:
         raise UserError(f"{flag} {folder} holds no outputs of {script} (its {RECORD} is missing, damaged or another "
                         "script's); choose another folder")
     return record
-
-
-def write_record(folder, flag, record):
-    """Create an output folder with its record first: it claims the folder and shows it is writable."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        write_json(os.path.join(folder, RECORD), record)
-    except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot write there ({e.strerror}); choose another folder") from None
 
 
 def check_same_recipe(recorded, recipe, folder, advice):
@@ -125,11 +180,18 @@ def check_same_recipe(recorded, recipe, folder, advice):
                             f"{flag} {recipe.get(key)}; {advice}")
 
 
-def check_finite_floats(args):
-    """argparse's float() takes NaN and infinity: refuse them for every flag."""
+def check_numbers(args, positive=(), at_least_zero=()):
+    """Before any work: NaN and infinity are refused in every flag, 0 and less in the flags named in `positive`
+    (lengths, sizes, rates, scales), less than 0 in those named in `at_least_zero`."""
     for name, value in vars(args).items():
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            raise UserError(f"--{name.replace('_', '-')} {value}: NaN and infinity are not allowed")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            problem = ("NaN and infinity are not allowed" if not math.isfinite(v) else
+                       "it must be above 0" if name in positive and v <= 0 else
+                       "it must be 0 or more" if name in at_least_zero and v < 0 else None)
+            if problem:
+                raise UserError(f"--{name.replace('_', '-')} {v}: {problem}")
 
 
 def default_workers():
@@ -151,22 +213,21 @@ def load_checkpoint(path, flag="--checkpoint"):
     if os.path.isfile(os.path.join(path, "checkpoint.pt")):
         path = os.path.join(path, "checkpoint.pt")
     if not os.path.isfile(path):
-        raise UserError(f"{flag} {path} not found" + (" (a folder without checkpoint.pt)" if os.path.isdir(path) else ""))
+        raise UserError(f"{flag} {path} not found" + (" (a folder without checkpoint.pt)" * os.path.isdir(path)))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # not a torch file, a pickle with foreign objects, a truncated file...
         raise UserError(f"{flag} {path} is not a checkpoint of this project, or is damaged: it cannot be loaded "
                         "with weights_only=True (nothing in it was unpickled)") from None
-    if not isinstance(checkpoint, dict) or not {"model", "args", "labeled", "unlabeled", "class_names"} <= set(checkpoint):
+    if not isinstance(checkpoint, dict) or {"model", "args", "labeled", "unlabeled", "class_names"} - set(checkpoint):
         raise UserError(f"{flag} {path} is not a checkpoint of this project (stage1_train.py or stage3_multitask.py)")
     return checkpoint, path
 
 
 # ============================================================================= devices and processes
-# One process per GPU under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), as torchvision's references/segmentation/utils.py.
 
 def init_distributed_mode(args):
-    """Sets args.distributed, rank, world_size; joins torchrun's group (the first process prints); returns the device."""
+    """One process per GPU under torchrun (the first prints): sets args.distributed, rank, world_size; the device."""
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     args.distributed = args.world_size > 1
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -202,7 +263,7 @@ def sum_over_processes(tensor):
 
 def autocast(device, enabled):
     """bf16 autocast on CUDA when --amp is given (bf16 needs no gradient scaler); a no-op otherwise."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
+    return torch.autocast("cuda", torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
 
 
 def images_to_device(images, device, channels_last=False):
@@ -214,12 +275,12 @@ def images_to_device(images, device, channels_last=False):
 
 
 # ============================================================================= datasets
-# VOC, Cityscapes and your own folder are three functions that fill in one DataDescription: where
-# each image and mask is, how mask values map to classes, which ids train and which validate.
+# VOC (and LabelMe's and CVAT's VOC-style exports), Cityscapes and your own folder fill in one DataDescription: each
+# image and mask, how mask values map to classes, which ids train and which validate. prepare_data.py converts others.
 
 @dataclasses.dataclass
 class DataDescription:
-    kind: str               # "voc", "cityscapes" or "folder"
+    kind: str               # "voc" (also VOC-style exports), "cityscapes" or "folder"
     root: str
     class_names: list
     palette: list           # flattened RGB triples, for the palette PNGs written
@@ -227,45 +288,50 @@ class DataDescription:
     masks: dict             # id -> mask file, or None for an image without one
     train_ids: list         # every training image (sorted); never a val image
     val_ids: list
-    pool: list              # what stage 1's --labeled N draws from (VOC's classic protocol: train.txt)
-    label_table: object = None  # numpy lookup from a mask's values to classes (-1: invalid)
-    colours: dict = None        # your own data: {(r, g, b): class} for colour masks, from classes.txt
+    pool: list              # the masked training images stage 1's --labeled N draws from (VOC classic: train.txt's)
+    label_table: object = None  # numpy lookup from a mask's values to classes (255: ignore; -1: no class's)
+    colours: dict = None        # {(r, g, b): class} for colour masks, from the class list
     notes: list = dataclasses.field(default_factory=list)  # what the start of a run says about the data
 
 
 def describe_dataset(root, flag="--data-root"):
-    """Recognise the dataset from its folder: VOC2012 or Cityscapes as distributed, or your own."""
+    """Recognise the dataset by its folders: Cityscapes, VOC2012 or a VOC-style export, or your own data."""
     if not os.path.isdir(root):
         raise UserError(f"{flag} {root} is not a folder (VOC2012, Cityscapes or your own data; see README)")
     for folder, describe in [("leftImg8bit", cityscapes), ("JPEGImages", voc), ("images", own_data)]:
         if os.path.isdir(os.path.join(root, folder)):
             return describe(root, flag)
-    raise UserError(f"{flag} {root} is neither a VOC2012 folder (JPEGImages/), a Cityscapes folder (leftImg8bit/), "
-                    "nor your own data (images/, masks/, classes.txt); see README")
+    raise UserError(f"{flag} {root} is neither VOC2012 (JPEGImages/), Cityscapes (leftImg8bit/) nor your own data "
+                    "(images/, masks/, classes.txt); prepare_data.py converts COCO, Roboflow, ADE20K, Oxford pets")
 
 
 def voc(root, flag):
-    """VOC2012 with SBD's masks (SegmentationClassAug, else SegmentationClass); training ids from
-    train_aug.txt, else SegmentationClassAug, else train.txt; never a val id."""
-    def ids(name):
+    """VOC2012 with SBD's masks, and the VOC-style exports of LabelMe (labelme2voc) and CVAT (Segmentation mask 1.1).
+    Masks: SBD's SegmentationClassAug/ for training images, SegmentationClass/ (VOC's; CVAT's in colour), LabelMe's
+    SegmentationClassPNG/. Training ids: train_aug.txt's, SegmentationClassAug/'s, train.txt's or every image's."""
+    images, notes, aug = files_by_id(os.path.join(root, "JPEGImages")), [], os.path.join(root, "SegmentationClassAug")
+
+    def listed(name):
         path = os.path.join(root, "ImageSets", name)
-        return [line.split()[0] for line in read_lines(path)] if os.path.exists(path) else None
-    val_ids, voc_train = ids("Segmentation/val.txt"), ids("Segmentation/train.txt") or []
-    if val_ids is None:
-        raise UserError(f"{flag} {root} has no ImageSets/Segmentation/val.txt: is it the VOC2012 folder? (see README)")
-    aug = os.path.join(root, "SegmentationClassAug")
-    train_ids = ids("SegmentationAug/train_aug.txt") or ([name[:-4] for name in os.listdir(aug) if name.endswith(".png")]
-                                                         if os.path.isdir(aug) else voc_train)
-    train_ids = sorted(set(train_ids) - set(val_ids))
-    masks = {i: os.path.join(root, "SegmentationClass", f"{i}.png") for i in train_ids + val_ids}
-    for i in train_ids:  # a training image's SBD mask where it has one
-        masks[i] = os.path.join(aug, f"{i}.png") if os.path.exists(os.path.join(aug, f"{i}.png")) else \
-            masks[i] if os.path.exists(masks[i]) else None
-    classes = os.path.join(root, "classes.txt")
-    names, colours = read_classes(classes) if os.path.exists(classes) else (list(VOC_CLASSES), None)
-    return DataDescription("voc", root, names, colour_palette(colours),
-                           {i: os.path.join(root, "JPEGImages", f"{i}.jpg") for i in train_ids + val_ids}, masks,
-                           train_ids, val_ids, pool=sorted(set(voc_train) - set(val_ids)))
+        return [line.split()[0] for line in read_lines(path)] if os.path.isfile(path) else None
+
+    def mask_of(image_id, folders):
+        paths = (os.path.join(root, folder, f"{image_id}.png") for folder in folders)
+        return next((path for path in paths if os.path.isfile(path)), None)
+    aug_ids = sorted(name[:-4] for name in os.listdir(aug) if name.endswith(".png")) if os.path.isdir(aug) else None
+    train_ids = listed("SegmentationAug/train_aug.txt") or aug_ids or listed("Segmentation/train.txt") or sorted(images)
+    val_ids, own = listed("Segmentation/val.txt"), ["SegmentationClass", "SegmentationClassPNG"]
+    absent = [i for i in train_ids + (val_ids or []) if i not in images]
+    if absent:
+        raise UserError(f"{root}: {absent[0]} has a mask or a line in ImageSets/ but no image in JPEGImages/")
+    masks = {i: mask_of(i, ["SegmentationClassAug"] + own) for i in train_ids}
+    val_ids = val_ids or choose_val(root, images, masks, notes)
+    masks.update({i: mask_of(i, own + ["SegmentationClassAug"]) for i in val_ids})  # VOC's own val masks, not SBD's
+    train_ids, classic = sorted(set(train_ids) - set(val_ids)), set(listed("Segmentation/train.txt") or images)
+    names, colours, table, class_notes = read_classes(root) or (
+        list(VOC_CLASSES), None, None, ["classes: PASCAL VOC's 21 (no classes.txt, class_names.txt or labelmap.txt)"])
+    return DataDescription("voc", root, names, colour_palette(colours), images, masks, train_ids, val_ids,
+                           [i for i in train_ids if masks[i] and i in classic], table, colours, notes + class_notes)
 
 
 def cityscapes(root, flag):
@@ -283,81 +349,147 @@ def cityscapes(root, flag):
             images[image_id] = path
             ids_of[split].append(image_id)
             gt = os.path.join(root, "gtFine", split, os.path.basename(os.path.dirname(path)), image_id + "_gtFine_")
-            masks[image_id] = next((gt + k for k in ["labelIds.png", "labelTrainIds.png"] if os.path.exists(gt + k)), None)
-    table = np.full(256, -1, dtype=np.int16)
-    for c in torchvision.datasets.Cityscapes.classes:
+            masks[image_id] = next((gt + k for k in ["labelIds.png", "labelTrainIds.png"] if os.path.isfile(gt + k)),
+                                   None)
+    table, classes = np.full(256, -1, dtype=np.int16), torchvision.datasets.Cityscapes.classes
+    for c in classes:
         table[max(c.id, 0)] = c.train_id if 0 <= c.train_id < IGNORE else IGNORE
-    classes = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < IGNORE), key=lambda c: c.train_id)
-    palette = [value for c in classes for value in c.color]
+    classes = sorted((c for c in classes if 0 <= c.train_id < IGNORE), key=lambda c: c.train_id)
+    palette, train_ids = [value for c in classes for value in c.color], sorted(ids_of["train"])
     return DataDescription("cityscapes", root, [c.name for c in classes], palette + [0] * (768 - len(palette)), images,
-                           masks, sorted(ids_of["train"]), sorted(ids_of["val"]), sorted(ids_of["train"]),
+                           masks, train_ids, sorted(ids_of["val"]), [i for i in train_ids if masks[i]],
                            label_table=table if any(p and p.endswith("labelIds.png") for p in masks.values()) else None)
 
 
 def own_data(root, flag):
-    """Your own data: images/ (any depth; the path below it without extension is the id), masks/<id>.png
-    where there is one, classes.txt, and val.txt, else a seeded fifth of the masked images."""
-    if not os.path.exists(os.path.join(root, "classes.txt")):
-        raise UserError(f"{root}/classes.txt not found: list the classes there, one a line, background first (see README)")
-    names, colours = read_classes(os.path.join(root, "classes.txt"))
-    images, masks = {}, {}
-    for folder, files in [("images", images), ("masks", masks)]:
-        for path in list_images(os.path.join(root, folder), IMAGE_EXTENSIONS if folder == "images" else ""):
-            image_id = os.path.splitext(os.path.relpath(path, os.path.join(root, folder)))[0].replace(os.sep, "/")
-            if image_id in files:
-                raise UserError(f"{files[image_id]} and {path} have the same id {image_id}; rename one of them")
-            if folder == "masks" and (image_id not in images or not path.endswith(".png")):
-                raise UserError(f"{path}: a mask must be masks/<id>.png for an image images/<id>.<extension>; rename it")
-            files[image_id] = path
+    """Your own data: images/ (any depth; the path below it without extension is the id), masks/<id>.png (or
+    <id>_mask.png, any lossless format) where there is one, a class list (without one, masks of only 0 and 255, or
+    0 and 1, are background and foreground), and val.txt, else a seeded fifth of the masked images as val."""
+    images, masks, notes, mask_root = files_by_id(os.path.join(root, "images")), {}, [], os.path.join(root, "masks")
+    for path in list_images(mask_root, extensions=""):
+        mask_id = os.path.splitext(os.path.relpath(path, mask_root))[0].replace(os.sep, "/")
+        mask_id = mask_id if mask_id in images else mask_id.removesuffix("_mask")  # Kaggle's x_mask.png
+        if path.lower().endswith((".jpg", ".jpeg")):
+            raise UserError(f"mask {path} is a JPEG, which changes a mask's values at edges; save the masks as PNG, "
+                            f"or let prepare_data.py {root} --out NEW_FOLDER convert them (two classes: thresholded)")
+        if mask_id not in images or not path.lower().endswith(MASK_EXTENSIONS):
+            raise UserError(f"{path}: a mask must be masks/<id>.png (or <id>_mask.png) for an image "
+                            "images/<id>.<extension>; rename it")
+        if mask_id in masks:
+            raise UserError(f"{masks[mask_id]} and {path} are both masks of the image {mask_id}; remove one")
+        masks[mask_id] = path
     if len(masks) < 2:
-        raise UserError(f"{flag} {root} has {len(masks)} masks in masks/; at least two are needed (to train, to validate)")
-    notes = [f"masks: {len(masks)} of the {len(images)} images have one; the others are unlabelled"]
-    if os.path.exists(os.path.join(root, "val.txt")):
-        val_ids = sorted({image_id_of(line, images) for line in read_lines(os.path.join(root, "val.txt"))})
-        for image_id in val_ids:
-            if image_id not in masks:
-                what = "has no mask in masks/ (a val image needs one)" if image_id in images else "is no image in images/"
-                raise UserError(f"{root}/val.txt lists {image_id}, which {what}")
-        notes.append(f"val: the {len(val_ids)} images of val.txt")
-    else:
-        val_ids = sorted(random.Random(0).sample(sorted(masks), max(1, len(masks) // 5)))
-        notes.append(f"val: {len(val_ids)} of the {len(masks)} masked images, a seeded fifth (no val.txt)")
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # every mask's values, to tell binary masks apart
-        values = dict(zip(masks, pool.map(lambda path: set(read_mask(path, colours=colours).unique().tolist()), masks.values())))
-    table = None
-    if len(names) == 2 and set().union(*values.values()) == {0, IGNORE}:  # 0/255 masks: 255 is the foreground here
-        table = np.array([0] + [-1] * 254 + [1], dtype=np.int16)  # 0 -> class 0, 255 -> class 1, the rest invalid
-        notes.append("masks: only the values 0 and 255, with two classes: read as background (0) and foreground (255)")
-    bad = [(i, v) for i, found in values.items() for v in sorted(found) if v >= len(names) and v != IGNORE]
-    if bad:  # (binary masks have none)
-        raise UserError(f"mask {masks[bad[0][0]]} has the value {bad[0][1]}, neither a class (0-{len(names) - 1}) "
-                        f"nor {IGNORE} (ignore); see classes.txt")
+        raise UserError(f"{flag} {root} has {len(masks)} masks in masks/; it needs two at least: to train, to validate")
+    notes.append(f"masks: {len(masks)} of the {len(images)} images have one; the others are unlabelled")
+    names, colours, table, class_notes = read_classes(root) or (None, None, None, [])
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # every mask's values, checked now rather than in training
+        found = set().union(*pool.map(lambda p: set(read_mask(p, colours=colours).unique().tolist()), masks.values()))
+    palette, binary = colour_palette(colours), names is None or len(names) == 2 and table is None and not colours
+    if names is None and not found <= {0, 1, IGNORE}:
+        raise UserError(f"{root} has no class list and its masks hold the values {', '.join(map(str, sorted(found)))}; "
+                        "name the classes in classes.txt, a line each, in the order of their values (see README)")
+    if binary and IGNORE in found and 1 not in found:  # 0/255 masks: 255 is the foreground, white in what is written
+        table, palette = np.array([0] + [-1] * 254 + [1], np.int16), colour_palette({(255, 255, 255): 1})
+        class_notes.append("masks: only 0 and 255 with two classes; 255 is the second class, not ignore")
+    if names is None:
+        names = ["background", "foreground"]
+        class_notes.append(f"classes: background (0) and foreground ({255 if table is not None else 1}): no class list")
+    valid = table >= 0 if table is not None else (np.arange(256) < len(names)) | (np.arange(256) == IGNORE)
+    for path in masks.values() if not all(valid[v] for v in found) else []:  # read_mask names the first at fault
+        read_mask(path, len(names), None, table, colours)
+    val_ids = choose_val(root, images, masks, notes)
     train_ids = sorted(set(images) - set(val_ids))
-    return DataDescription("folder", root, names, colour_palette(colours), images, {i: masks.get(i) for i in images},
-                           train_ids, val_ids, [i for i in train_ids if i in masks], table, colours, notes)
+    return DataDescription("folder", root, names, palette, images, {i: masks.get(i) for i in images}, train_ids,
+                           val_ids, [i for i in train_ids if i in masks], table, colours, notes + class_notes)
 
 
-def read_classes(path):
-    """(names, {colour: class} or None) of classes.txt: a class a line, background first, each with
-    its colour in colour masks (R G B or #rrggbb) or none."""
-    names, colours = [], []
-    for words in (line.split() for line in read_lines(path)):
-        colour = None
+def files_by_id(folder):
+    """{id: file} of the images under `folder`, the id being the path below it without extension."""
+    files = {}
+    for path in list_images(folder):
+        image_id = os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
+        if image_id in files:
+            raise UserError(f"{files[image_id]} and {path} have the same id {image_id}; rename one of them")
+        files[image_id] = path
+    return files
+
+
+def choose_val(root, images, masks, notes):
+    """The val ids of a dataset without a val list of its own: val.txt's, else a seeded fifth of the masked images."""
+    if not os.path.exists(os.path.join(root, "val.txt")):
+        masked = sorted(i for i in images if masks.get(i))
+        notes.append(f"val: {max(1, len(masked) // 5)} of the {len(masked)} masked images, a seeded fifth (no val.txt)")
+        return sorted(random.Random(0).sample(masked, max(1, len(masked) // 5)))
+    val_ids = sorted({image_id_of(line, images) for line in read_lines(os.path.join(root, "val.txt"))})
+    for image_id in val_ids:
+        if not masks.get(image_id):
+            what = "has no mask (a val image needs one)" if image_id in images else "is no image of the dataset"
+            raise UserError(f"{root}/val.txt lists {image_id}, which {what}")
+    notes.append(f"val: the {len(val_ids)} images of val.txt")
+    return val_ids
+
+
+def read_classes(root):
+    """The class list, checked, or None: (names, {colour: class} or None, value table or None, notes). classes.txt
+    or LabelMe's class_names.txt: a class a line, background first, with its colour in colour masks (R G B or #rrggbb)
+    and its values in the masks after '=' ("pet = 1") where needed; "__ignore__ = V ..." names values that count
+    nowhere (a bare "__ignore__", LabelMe's: 255). CVAT's labelmap.txt: "name:R,G,B::" lines."""
+    path = next((os.path.join(root, name) for name in ["classes.txt", "class_names.txt", "labelmap.txt"]
+                 if os.path.isfile(os.path.join(root, name))), None)
+    if path is None:
+        return None
+    entries, notes = [], [f"classes: from {path}"]  # (line number, name, colour, values or None)
+
+    def refuse(n, what):
+        raise UserError(f"{path} line {n}: {what}; see the README for a class list's lines")
+    lines = [(n, line) for n, line in read_lines(path, numbered=True) if not line.startswith("#")]  # CVAT's comment
+    if lines and lines[0][1].lower() in {"name", "names", "class", "classes", "class_name", "label", "labels"}:
+        notes.append("{} line {}: {!r} read as a header, not a class".format(path, *lines.pop(0)))
+    for n, line in lines:
+        if path.endswith("labelmap.txt"):  # CVAT's name:R,G,B:parts:actions
+            line = line.split(":")[0] + " " + " ".join(line.split(":")[1].split(",")) if ":" in line else line
+        elif "," in line.split("=")[0] or "\t" in line:
+            refuse(n, f"{line!r} is a table's row; write the class's name, then '= VALUE' for its value in the masks")
+        left, equals, right = line.partition("=")
+        words, colour, values = left.split(), None, right.replace(",", " ").split()
         if len(words) >= 4 and all(w.isdigit() and int(w) < 256 for w in words[-3:]):
             colour, words = tuple(int(w) for w in words[-3:]), words[:-3]
         elif len(words) >= 2 and re.fullmatch(r"#[0-9a-fA-F]{6}", words[-1]):
             colour, words = tuple(int(words[-1][i:i + 2], 16) for i in (1, 3, 5)), words[:-1]
-        names.append(" ".join(words))
-        colours.append(colour)
-    if len(names) < 2:
-        raise UserError(f"{path} lists {len(names)} class; it needs background and at least one more")
+        if equals and (not values or not all(v.isdigit() and int(v) < 256 for v in values)):
+            refuse(n, f"{line!r}: after '=' come the class's values in the masks, numbers from 0 to 255")
+        entries.append((n, " ".join(words), colour, [int(v) for v in values] if equals else None))
+    ignored = [v for _, name, _, values in entries if name == "__ignore__" for v in values or []]
+    if any(name == "__ignore__" for _, name, _, _ in entries):
+        notes.append(f"{path}: __ignore__ is no class; the values it counts nowhere: {sorted(set(ignored) | {IGNORE})}")
+    entries, first_line = [e for e in entries if e[1] != "__ignore__"], {}
+    for n, name, _, _ in entries:
+        if not name or name in first_line:
+            refuse(n, f"{name!r} is listed twice (first on line {first_line[name]})" if name else "a name is missing")
+        first_line[name] = n
+    if len(entries) < 2:
+        refuse(lines[-1][0] if lines else 1, f"{len(entries)} class; background and one more at least are needed")
+    colours, given = [e[2] for e in entries], [e[3] is not None for e in entries]
     if any(colours) and (not all(colours) or len(set(colours)) < len(colours)):
         raise UserError(f"{path}: give every class a colour of its own (R G B or #rrggbb), or none of them")
-    return names, {colour: index for index, colour in enumerate(colours)} if any(colours) else None
+    if any(given) and not all(given):
+        refuse(entries[given.index(False)][0], "give every class its values in the masks after '=', or none")
+    table = None
+    if any(given) or ignored:  # else each class is its own index in the masks
+        table = np.full(256, -1, np.int16)
+        for value, c in [(v, c) for c, e in enumerate(entries) for v in e[3] or [c]] + [(v, IGNORE) for v in ignored]:
+            if table[value] != -1:
+                raise UserError(f"{path}: the mask value {value} is given twice (to two classes, or to one and "
+                                "__ignore__)")
+            table[value] = c
+        table[IGNORE] = IGNORE if table[IGNORE] == -1 else table[IGNORE]
+        notes.append(f"{path}: mask values mapped to classes, e.g. " + ", ".join(
+            f"{e[1]} = {' '.join(map(str, e[3] or [c]))}" for c, e in enumerate(entries[:4])))
+    return [e[1] for e in entries], {c: i for i, c in enumerate(colours)} if any(colours) else None, table, notes
 
 
 def colour_palette(colours=None):
-    """The palette of the PNGs written: PASCAL VOC's colour map, with the classes' colours from classes.txt."""
+    """The palette of the PNGs written: PASCAL VOC's colour map, with the classes' colours from the class list."""
     palette = [[sum((i >> (3 * bit + channel) & 1) << (7 - bit) for bit in range(8)) for channel in range(3)]
                for i in range(256)]  # class i's bits dealt to R, G, B in turn, from the top bit down
     for colour, index in (colours or {}).items():
@@ -366,7 +498,7 @@ def colour_palette(colours=None):
 
 
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
-    """The files under a folder (any depth) with one of `extensions`, sorted; hidden ones (.DS_Store) left out."""
+    """The files under a folder (any depth) with one of `extensions` in any case, sorted; hidden ones left out."""
     return sorted(os.path.join(path, name) for path, _, names in os.walk(folder) for name in names
                   if name.lower().endswith(extensions) and not name.startswith("."))
 
@@ -378,12 +510,14 @@ def image_id_of(line, images):
 
 
 def read_image(path):
-    """An RGB uint8 image as a viewer shows it: EXIF orientation, 16-bit grey scaled, transparency over white."""
+    """An RGB uint8 image as a viewer shows it: EXIF orientation, 16-bit and float grey scaled, alpha on white."""
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):  # 16-bit grey
-                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if image.mode == "F" or image.mode.startswith("I"):  # float (TIFF), 16-bit grey
+                array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+                scale = 1 / 257 if image.mode != "F" else 255 if array.max(initial=0) <= 1 else 1
+                image = Image.fromarray((array * scale).clip(0, 255).astype(np.uint8))
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             array = np.array(image.convert("RGB"))
@@ -393,8 +527,8 @@ def read_image(path):
 
 
 def read_mask(path, num_classes=None, size=None, label_table=None, colours=None):
-    """A mask file's classes (255: ignore): index and palette PNGs as they are, RGB through `colours`
-    (classes.txt) or as grey; label_table maps the values first (Cityscapes' labelIds, binary masks).
+    """A mask file's classes (255: ignore): index and palette PNGs as they are, RGB through `colours` (the class
+    list) or as grey; label_table maps the values first (Cityscapes' labelIds, value maps, 0/255 masks).
     Without num_classes: the file's values, unchecked."""
     try:
         with Image.open(path) as image:
@@ -415,18 +549,20 @@ def read_mask(path, num_classes=None, size=None, label_table=None, colours=None)
     elif array.ndim == 3:
         raise UserError(f"mask {path} is a colour image; give every class its colour in classes.txt, or store "
                         "class indices (see README)")
-    if array.max(initial=0) > IGNORE:
+    if array.max(initial=0) > IGNORE or array.min(initial=0) < 0:
         raise UserError(f"mask {path} has the value {int(array.max())}, neither a class nor {IGNORE}")
     if size is not None and array.shape != tuple(size):
         raise UserError(f"mask {path} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}")
     if label_table is not None:
-        mapped = label_table[array]
+        mapped = label_table[array.astype(np.int64)]
         if (mapped < 0).any():
-            raise UserError(f"mask {path} has label id {int(array[mapped < 0][0])}, not one of the dataset's label ids")
+            raise UserError(f"mask {path} has the value {int(array[mapped < 0][0])}, which is no class's; correct the "
+                            "mask or the class list")
         array = mapped
     bad = array[(array >= num_classes) & (array != IGNORE)] if num_classes else []
     if len(bad):
-        raise UserError(f"mask {path} has label {int(bad[0])}, neither a class (0-{num_classes - 1}) nor {IGNORE}")
+        raise UserError(f"mask {path} has the value {int(bad[0])}, neither a class (0-{num_classes - 1}) nor {IGNORE} "
+                        "(ignore); correct the mask or the class list")
     return tv_tensors.Mask(torch.from_numpy(array.astype(np.uint8)))
 
 
@@ -437,8 +573,8 @@ def save_mask_png(path, mask, palette):
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """(uint8 image, int64 mask, index) of a list of ids, through an optional joint transform. `masks`
-    (id -> file: pseudo-masks) replaces the true ones; a missing mask is all 255 if masks_optional."""
+    """(uint8 image, int64 mask, index) of a list of ids, through an optional joint transform. `masks` (id -> file:
+    pseudo-masks) replaces the true ones; a missing mask is all 255 if masks_optional."""
 
     def __init__(self, description, ids, transform=None, masks=None, masks_optional=False):
         self.description, self.ids, self.transform = description, ids, transform
@@ -465,98 +601,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long(), index
 
 
-def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
-    """Whole images in batches of one size (ASPP's image pooling would average over padding), every
-    world-th from `rank`; resized by `scale`, each must keep MIN_SIDE pixels a side."""
-    by_size = {}
-    for index in range(rank, len(dataset.ids), world):
-        path = dataset.description.images[dataset.ids[index]]
-        try:
-            with Image.open(path) as image:  # the header alone; EXIF orientations 5-8 swap the sides
-                size = image.size if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size[::-1]
-        except (OSError, ValueError, SyntaxError) as e:
-            raise UserError(f"cannot read image {path}: {e}") from None
-        if min(size) * scale < MIN_SIDE:
-            raise UserError(f"image {path} is {size[1]}x{size[0]}: at scale {scale:g} too small for the model "
-                            f"(at least {MIN_SIDE} pixels a side); check --image-scale")
-        by_size.setdefault(size, []).append(index)
-    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available())
-
-
-# ============================================================================= augmentation
-
-def weak_augment(crop_size, scale_range):
-    """The weak view, moving an image and its masks alike: random scale, crop (masks padded with 255), flip."""
-    crop_and_flip = v2.Compose([v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
-                                v2.RandomHorizontalFlip()])
-
-    def transform(image, *masks):
-        scale = random.uniform(*scale_range)
-        if scale != 1:  # masks: nearest
-            size = [max(1, round(side * scale)) for side in image.shape[-2:]]
-            image, *masks = [v2.functional.resize(x, size, antialias=True) for x in (image, *masks)]
-        return crop_and_flip(image, *masks)
-    return transform
-
-
-# The authors' S (their randaugment_seg.py): the 14 operations of RandAugment. Levels are 1-9 of 10.
-STRONG_OPERATIONS = ["Identity", "AutoContrast", "Equalize", "Rotate", "Solarize", "Color", "Contrast", "Brightness",
-                     "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY", "Posterize"]
-GREY = 127  # what the authors' S fills with: 0 in their [-1, 1] image range
-
-
-def strong_augment(image, num_ops=3, cutouts=3):
-    """The authors' S: `num_ops` operations drawn with replacement, each applied with probability 0.5 at
-    a level of 1-9 (Rotate to 30 degrees, Shear to 0.3, Translate to 10 pixels at crop 321, either sign),
-    then `cutouts` grey squares of 32 pixels at crop 321. Returns (image, source): source[y, x] is the
-    flat input index of the pixel that landed at (y, x), -1 if from outside; warp() moves targets by it."""
-    fn = v2.functional
-    height, width = image.shape[-2:]
-    crop_scale = math.sqrt(height * width) / 321
-    source = tv_tensors.Mask(torch.arange(height * width).reshape(height, width))
-    for name in random.choices(STRONG_OPERATIONS, k=num_ops):
-        level, sign = random.randint(1, 9), random.choice([-1, 1])
-        if random.random() >= 0.5 or name == "Identity":
-            continue
-        if name in ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"):
-            shear = math.degrees(math.atan(sign * level * 0.03))
-            geometry = {"Rotate": dict(angle=sign * int(level * 3)),
-                        "ShearX": dict(shear=[shear, 0.0], center=[0, 0]), "ShearY": dict(shear=[0.0, shear], center=[0, 0]),
-                        "TranslateX": dict(translate=[sign * round(level * crop_scale), 0]),
-                        "TranslateY": dict(translate=[0, sign * round(level * crop_scale)])}[name]
-            # Nearest, as the authors' PIL operations; it also keeps the source map exact.
-            params = dict(angle=0.0, translate=[0, 0], scale=1.0, shear=[0.0, 0.0], interpolation=v2.InterpolationMode.NEAREST)
-            image, source = fn.affine(image, **(params | geometry), fill=GREY), fn.affine(source, **(params | geometry), fill=-1)
-        elif name in ("AutoContrast", "Equalize"):
-            image = fn.autocontrast(image) if name == "AutoContrast" else fn.equalize(image)
-        elif name == "Solarize":
-            image = fn.solarize(image, threshold=256 - int(level * 25.6))
-        elif name == "Posterize":
-            image = fn.posterize(image, bits=4 - int(level * 0.4))
-        else:  # PIL's enhancers at a factor of 0.28-1.72
-            adjust = {"Color": fn.adjust_saturation, "Contrast": fn.adjust_contrast,
-                      "Brightness": fn.adjust_brightness, "Sharpness": fn.adjust_sharpness}[name]
-            image = adjust(image, level * 0.18 + 0.1)
-    image = image.clone()
-    side = max(1, round(32 * crop_scale))
-    for _ in range(cutouts):  # centres anywhere, squares clipped at the border, as the authors'
-        y, x = random.randrange(height), random.randrange(width)
-        image[..., max(0, y - side // 2):y + side // 2, max(0, x - side // 2):x + side // 2] = GREY
-    return image, source.as_subclass(torch.Tensor)
-
-
-def warp(target, source):
-    """A target (H, W) or (N, H, W) of the unwarped view moved by S's source map; 255 where it came from outside."""
-    moved = target.flatten(-2).gather(-1, source.clamp(min=0).flatten(-2).to(target.device)).view(source.shape)
-    return moved.masked_fill(source.to(moved.device) < 0, IGNORE)
-
-
 # ============================================================================= the model
 
 class SegmentationModel(nn.Module):
-    """A backbone split before its last stage, the main head g, and an auxiliary head: 'separate' (ĝ)
-    with a new, half-width last stage of its own fed by the stage before, or 'shared' (g̃) on the last stage."""
+    """A backbone split before its last stage, the main head g, and an auxiliary head: 'separate' (ĝ) with a new,
+    half-width last stage of its own fed by the stage before, or 'shared' (g̃) on the last stage."""
 
     NEW_LAYERS = ("head.", "aux_head.", "aux_last_stage.")  # trained at the heads' learning rate
 
@@ -581,7 +630,8 @@ class SegmentationModel(nn.Module):
 def build_model(backbone, num_classes, weights="imagenet", aux_head=None):
     """DeepLabv3 (torchvision's ResNet at output stride 8, its ASPP head) or the demo's tiny U-Net, from
     'imagenet' weights, 'coco' (the backbone of torchvision's COCO DeepLabv3, the paper's) or 'none'."""
-    if backbone == "tiny_unet":
+    if backbone == "tiny_unet":  # the CPU demo's model, defined beside the demo's data
+        from make_demo_data import TinyUNet, TinyUNetLastStage, tiny_head
         if weights != "none":
             raise UserError("--backbone tiny_unet has no pretrained weights: add --no-pretrained")
         lower, last_stage, width, make_head = TinyUNet(), TinyUNetLastStage(), 16, tiny_head
@@ -590,7 +640,8 @@ def build_model(backbone, num_classes, weights="imagenet", aux_head=None):
         lower, last_stage = resnet_backbone(backbone, weights)
         width, make_head, aux_last_stage = 2048, DeepLabHead, None
         if aux_head == "separate":  # ĝ's stage: 3 Bottlenecks of 256 planes on layer3's output, dilated as layer4
-            aux_last_stage = nn.Sequential(*[torchvision.models.resnet.Bottleneck(1024, 256, dilation=d) for d in (2, 4, 4)])
+            blocks = [torchvision.models.resnet.Bottleneck(1024, 256, dilation=d) for d in (2, 4, 4)]
+            aux_last_stage = nn.Sequential(*blocks)
             for m in aux_last_stage.modules():  # initialised as torchvision's ResNets are
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -611,55 +662,15 @@ def resnet_backbone(backbone, weights):
             net = builder(weights=coco.COCO_WITH_VOC_LABELS_V1).backbone
         else:
             imagenet = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1 if weights == "imagenet" else None
-            net = torchvision.models.get_model(backbone, weights=imagenet, replace_stride_with_dilation=[False, True, True])
+            dilation = [False, True, True]  # output stride 8
+            net = torchvision.models.get_model(backbone, weights=imagenet, replace_stride_with_dilation=dilation)
     except OSError as e:  # urllib's URLError and socket errors are OSErrors
         raise UserError(f"cannot download the {weights} weights ({e}); put the file in "
                         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or add --no-pretrained") from None
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3), net.layer4
 
 
-class TinyUNet(nn.Module):
-    """The CPU demo's U-Net (16-128 channels) but its last stage; returns (1/2-resolution features, full skip)."""
-
-    def __init__(self, widths=(16, 32, 64, 128)):
-        super().__init__()
-        self.down = nn.ModuleList(double_conv(a, b) for a, b in zip((3,) + widths[:-1], widths))
-        self.up = nn.ModuleList(double_conv(widths[i + 1] + widths[i], widths[i]) for i in range(1, len(widths) - 1))
-
-    def forward(self, x):
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        for block, skip in zip(reversed(self.up), reversed(skips[1:-1])):
-            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
-        return x, skips[0]
-
-
-class TinyUNetLastStage(nn.Module):
-    """The tiny U-Net's last block (ĝ's half as wide); each joins the skip itself (sharing it changes the rounding)."""
-
-    def __init__(self, out_channels=16):
-        super().__init__()
-        self.block = double_conv(32 + 16, out_channels)
-
-    def forward(self, features):
-        x, skip = features
-        return self.block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
-
-
-def double_conv(in_channels, out_channels):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
-def tiny_head(in_channels, num_classes):
-    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
-                         nn.Conv2d(32, num_classes, 1))
-
-
-# ============================================================================= metric and prediction
+# ============================================================================= the metric
 
 class ConfusionMatrix:
     """Rows: true class, columns: predicted class, summed over a whole set; 255 is ignored."""
@@ -670,7 +681,8 @@ class ConfusionMatrix:
 
     def update(self, target, prediction):
         n, keep = self.num_classes, target != IGNORE
-        self.matrix += torch.bincount(n * target[keep].long() + prediction[keep].long(), minlength=n * n).reshape(n, n).cpu()
+        counts = torch.bincount(n * target[keep].long() + prediction[keep].long(), minlength=n * n)
+        self.matrix += counts.reshape(n, n).cpu()
 
     def iou(self):
         """Per-class IoU in percent; NaN for a class absent from both truth and prediction (0/0)."""
@@ -683,18 +695,5 @@ class ConfusionMatrix:
         return sum(present) / len(present) if present else float("nan")
 
     def report(self, class_names):
-        return {"miou": self.miou(), "per_class": {n: (None if math.isnan(x) else x) for n, x in zip(class_names, self.iou())}}
-
-    def table(self, class_names):
-        width = max(len(name) for name in class_names)
-        lines = [f"  {name:<{width}}  {'   n/a' if math.isnan(x) else f'{x:6.2f}'}" for name, x in zip(class_names, self.iou())]
-        return "\n".join(lines + [f"  {'mIoU':<{width}}  {self.miou():6.2f}"])
-
-
-@torch.no_grad()
-def predict(model, images, scale=1.0, amp=False, head=0):
-    """Class probabilities (head 1: the auxiliary head's) of whole images, the model seeing them at `scale`."""
-    resized = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False), autocast(images.device, amp):  # sizes vary: no benchmark
-        out = (model(resized, with_aux=True)[1] if head == 1 else model(resized)).float()
-    return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
+        per_class = {name: None if math.isnan(x) else x for name, x in zip(class_names, self.iou())}
+        return {"miou": self.miou(), "per_class": per_class}

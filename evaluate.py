@@ -6,24 +6,27 @@
     python evaluate.py --checkpoint runs/cs100/stage3 --window 512 1024 --stride 341 683
     python evaluate.py --checkpoint runs/stage3 --images my_photos/ --save-dir predictions/
 
---checkpoint and --compare take a checkpoint.pt of stage 1 or 3, or its run folder; a multi-task
-checkpoint is evaluated with its mean teacher's main head. Images are predicted whole, at the
-scale the model was trained at (its --image-scale; --scales multiply it), and compared with the
-true masks at their full resolution; intersections and unions are summed over the whole val set.
-Same-size images are batched together, so --batch-size never changes the result. --window and
---stride predict tile by tile instead, as the field evaluates full-resolution Cityscapes models.
---compare evaluates other checkpoints the same way and says how far --checkpoint is above each.
+--checkpoint and --compare take a checkpoint.pt of stage 1 or of a multi-task stage, or its run folder; a
+multi-task checkpoint is evaluated with its mean teacher's main head, the paper's final model. Images are predicted
+whole, at the scale the model was trained at (its --image-scale; --scales multiply it), and compared with the true
+masks at their full resolution; intersections and unions are summed over the whole val set. Same-size images are
+batched together, so --batch-size never changes the result. --window and --stride predict tile by tile instead, as
+the field evaluates full-resolution Cityscapes models. --compare evaluates other checkpoints the same way and says
+how far --checkpoint is above each.
 
-With --images (a folder, searched at any depth for .jpg .jpeg .png .bmp .tif .tiff, or one image
-file; no masks needed) it writes, for each image, <name>.png (the palette PNG of predicted
-classes at the image's own size) and <name>_overlay.jpg into --save-dir, keeping the folder
-structure. Images whose names differ only in their extension keep it (a.jpg.png, a.png.png). An
-image that cannot be read or predicted is named and skipped, and the exit status is then non-zero.
+With --images (a folder, searched at any depth for .jpg .jpeg .png .bmp .tif .tiff, or one image file; no masks
+needed) it writes, for each image, <name>.png (the palette PNG of predicted classes at the image's own size: class
+indices, shown in the classes' colours; a dataset of 0/255 masks gets 0 black and 1 white) and <name>_overlay.jpg
+(the image with the classes tinted and outlined, and a legend) into --save-dir, keeping the folder structure. The
+name is the image's path without its extension, or with it where two images would share a name (a.jpg, a.png).
+An image that cannot be read or predicted is named and skipped, and the exit status is then non-zero.
 """
 import argparse
 import collections
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -31,18 +34,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import common
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of stage 1 or stage 3, or its run folder")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of a training stage, or its run folder")
     parser.add_argument("--compare", nargs="+", default=[], metavar="CHECKPOINT",
                         help="also evaluate these checkpoints the same way, and say how far --checkpoint is above each")
     parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on)")
-    parser.add_argument("--images", help="predict this image, or the images in this folder, instead of evaluating on val")
+    parser.add_argument("--images",
+                        help="predict this image, or the images in this folder, instead of evaluating on val")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (ignored on the CPU)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
@@ -50,29 +54,62 @@ def get_args(argv=None):
                         help="data-loading processes (default: %(default)s, from this machine's cores)")
     parser.add_argument("--flip", action="store_true", help="also average the prediction of the mirrored image")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0],
-                        help="average the predictions at these scales of the image, relative to the training scale (default: 1)")
+                        help="average the predictions at these scales of the image, relative to the training scale "
+                             "(default: 1)")
     parser.add_argument("--window", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="predict in tiles of this size (sliding window), averaging where they overlap")
     parser.add_argument("--stride", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="the step between tiles (default: two thirds of --window)")
-    parser.add_argument("--save-dir", help="write the predictions here, a palette PNG per image (a new folder, or evaluate.py's)")
+    parser.add_argument("--save-dir",
+                        help="write the predictions here, a palette PNG per image (a new folder, or evaluate.py's)")
     parser.add_argument("--json", help="write the mIoU and per-class IoU (percent), and --compare's, to this file")
     return parser.parse_args(argv)
 
 
 def check_args(args):
-    common.check_finite_floats(args)
-    if args.batch_size < 1 or args.workers < 0 or min(args.scales) <= 0:
-        raise common.UserError("--batch-size must be at least 1, --workers at least 0 and --scales positive")
-    if args.window and min(args.window) < common.MIN_SIDE or args.stride and min(args.stride) < 1:
-        raise common.UserError(f"--window must be at least {common.MIN_SIDE} pixels a side and --stride at least 1")
+    common.check_numbers(args, positive=("batch_size", "scales", "window", "stride"), at_least_zero=("workers",))
+    if args.window and min(args.window) < common.MIN_SIDE:
+        raise common.UserError(f"--window must be at least {common.MIN_SIDE} pixels a side")
     if args.stride and not args.window:
         raise common.UserError("--stride needs --window")
     args.stride = args.stride or (args.window and [max(1, 2 * side // 3) for side in args.window])
     if args.images and (not args.save_dir or args.json or args.compare):
-        raise common.UserError("--images needs --save-dir, the folder its predictions are written to (and no --json or --compare)")
+        raise common.UserError("--images needs --save-dir, the folder its predictions are written to (and no --json "
+                               "or --compare)")
     if args.images and not os.path.exists(args.images):
         raise common.UserError(f"--images {args.images} not found")
+
+
+# ============================================================================= predicting whole images
+# Also stage 1's and the multi-task stage's validation, and stage 2's pseudo-masks.
+
+def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
+    """Whole images in batches of one size (ASPP's image pooling would average over padding), every world-th from
+    `rank`; resized by `scale`, each must keep MIN_SIDE pixels a side."""
+    by_size = {}
+    for index in range(rank, len(dataset.ids), world):
+        path = dataset.description.images[dataset.ids[index]]
+        try:
+            with Image.open(path) as image:  # the header alone; EXIF orientations 5-8 swap the sides
+                size = image.size if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size[::-1]
+        except (OSError, ValueError, SyntaxError) as e:
+            raise common.UserError(f"cannot read image {path}: {e}") from None
+        if min(size) * scale < common.MIN_SIDE:
+            raise common.UserError(f"image {path} is {size[1]}x{size[0]}: at scale {scale:g} too small for the model "
+                                   f"(at least {common.MIN_SIDE} pixels a side); check --image-scale")
+        by_size.setdefault(size, []).append(index)
+    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,  # a generator of its own:
+                                       pin_memory=torch.cuda.is_available(), generator=torch.Generator())  # see train
+
+
+@torch.no_grad()
+def image_probs(model, images, scale=1.0, amp=False, head=0):
+    """Class probabilities (head 1: the auxiliary head's) of whole images, the model seeing them at `scale`."""
+    resized = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False), common.autocast(images.device, amp):  # sizes vary
+        out = (model(resized, with_aux=True)[1] if head == 1 else model(resized)).float()
+    return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
 
 
 def window_starts(size, window, stride):
@@ -104,18 +141,86 @@ def predict(model, images, args, scale):
     for s in args.scales:
         for flip in [False, True] if args.flip else [False]:
             x = images.flip(-1) if flip else images
-            p = window_probs(model, x, args, scale * s) if args.window else common.predict(model, x, scale * s, args.amp)
+            p = window_probs(model, x, args, scale * s) if args.window else image_probs(model, x, scale * s, args.amp)
             probs = probs + (p.flip(-1) if flip else p)
     return probs / (len(args.scales) * (2 if args.flip else 1))
 
 
+def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
+    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
+    args = checkpoint["args"]
+    model = common.build_model(args["backbone"], len(checkpoint["class_names"]), "none", args.get("aux_head"))
+    try:
+        model.load_state_dict(checkpoint.get("teacher", checkpoint["model"]))
+    except RuntimeError:
+        raise common.UserError(f"{path}: its weights do not fit a {args['backbone']} model with "
+                               f"{len(checkpoint['class_names'])} classes; the checkpoint is damaged or from another "
+                               "version") from None
+    model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
+
+
+def iou_table(confusion, class_names):
+    """A confusion matrix's per-class IoU and mIoU, a line each."""
+    width = max(len(name) for name in class_names)
+    lines = [f"  {name:<{width}}  " + ("   n/a" if math.isnan(x) else f"{x:6.2f}")
+             for name, x in zip(class_names, confusion.iou())]
+    return "\n".join(lines + [f"  {'mIoU':<{width}}  {confusion.miou():6.2f}"])
+
+
+# ============================================================================= pictures
+# Also stage 2's contact sheets.
+
+def overlay(image, mask, palette, alpha=0.45):
+    """An image with each class of the mask (background too) tinted in its palette colour and outlined in it, so
+    that neighbouring classes stay apart on colourful images; 255 (ignore) white."""
+    classes = [int(c) for c in mask.unique()]
+    if not classes:
+        return image
+    colours = [(255, 255, 255) if c == common.IGNORE else tuple(palette[3 * c:3 * c + 3]) for c in classes]
+    regions = torch.stack([mask == c for c in classes])
+    inner = -F.max_pool2d(-regions[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0  # eroded by a pixel
+    tinted = torchvision.utils.draw_segmentation_masks(image, regions, alpha, colours)
+    return torchvision.utils.draw_segmentation_masks(tinted, regions & ~inner, 1.0, colours)
+
+
+def with_legend(picture, classes, names, palette):
+    """A PIL picture with a legend below it: a swatch in its colour and the name of each class in `classes`."""
+    font = ImageFont.load_default()
+    entries = [("ignore (255)" if c == common.IGNORE else names[c],
+                (255, 255, 255) if c == common.IGNORE else tuple(palette[3 * c:3 * c + 3])) for c in classes]
+    width = max(picture.width, 320)
+    measure = ImageDraw.Draw(picture)
+    rows, row, x = [], [], 4
+    for name, colour in entries:  # wrap the entries into rows as wide as the picture
+        size = 18 + measure.textbbox((0, 0), name, font=font)[2] + 12
+        if row and x + size > width:
+            rows, row, x = rows + [row], [], 4
+        row.append((x, name, colour))
+        x += size
+    rows += [row] if row else []
+    sheet = Image.new("RGB", (width, picture.height + 18 * len(rows) + 6), "white")
+    sheet.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        y = picture.height + 4 + 18 * r
+        for x, name, colour in row:
+            draw.rectangle([x, y + 2, x + 12, y + 14], fill=colour, outline="black")
+            draw.text((x + 18, y + 2), name, fill="black", font=font)
+    return sheet
+
+
+# ============================================================================= evaluate.py
+
 def evaluate_val(model, description, args, device, scale, save=False):
     """The val set's confusion matrix (every process its share), the predictions saved if asked."""
     dataset = common.SegmentationDataset(description, description.val_ids)
-    loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, scale * min(args.scales))
+    loader = full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size,
+                               scale * min(args.scales))
     confusion = common.ConfusionMatrix(len(description.class_names))
     for images, masks, indices in loader:
-        predictions = predict(model, common.images_to_device(images, device, device.type == "cuda"), args, scale).argmax(1)
+        images = common.images_to_device(images, device, device.type == "cuda")
+        predictions = predict(model, images, args, scale).argmax(1)
         confusion.update(masks.to(device, non_blocking=True), predictions)
         for index, prediction in zip(indices.tolist(), predictions.cpu().numpy() if save else []):
             path = os.path.join(args.save_dir, f"{dataset.ids[index]}.png")
@@ -125,23 +230,43 @@ def evaluate_val(model, description, args, device, scale, save=False):
     return confusion
 
 
-def predict_images(model, args, device, scale, palette):
-    """Predictions for --images, one image at a time (they may all differ in size). An image that
-    cannot be read or predicted is named and skipped; returns (images, skipped)."""
+def clashing(names, suffixes):
+    """The names whose output files (name + a suffix) would also be a folder of another output."""
+    folders = {str(parent) for name in names for parent in Path(name).parents}
+    return [name for name in names if any(name + suffix in folders for suffix in suffixes)]
+
+
+def output_names(files, root):
+    """A name per image for <name>.png and <name>_overlay.jpg: its path below `root` without its extension, or with
+    it where two images would share a name or a name would also be a folder of another's."""
+    full = [os.path.relpath(path, root) for path in files]
+    names = [os.path.splitext(name)[0] for name in full]
+    while True:
+        counts, bad = collections.Counter(names), set(clashing(names, [".png", "_overlay.jpg"]))
+        clash = [i for i, name in enumerate(names) if counts[name] > 1 or name in bad]
+        if not clash:
+            return names
+        if all(names[i] == full[i] for i in clash):
+            raise common.UserError(f"--images: {files[clash[0]]} and another image would write the same file; "
+                                   "rename one of them")
+        for i in clash:
+            names[i] = full[i]
+
+
+def predict_images(model, args, device, scale, checkpoint):
+    """Predictions for --images, one image at a time (they may all differ in size). An image that cannot be read
+    or predicted is named and skipped; returns (images, skipped)."""
     root = args.images if os.path.isdir(args.images) else os.path.dirname(args.images)
     files = common.list_images(args.images) if os.path.isdir(args.images) else [args.images]
     if not files:
         raise common.UserError(f"--images {args.images} holds no image ({', '.join(common.IMAGE_EXTENSIONS)})")
-    stems = [os.path.splitext(os.path.relpath(path, root))[0] for path in files]
-    twins = {stem for stem, count in collections.Counter(stems).items() if count > 1}
-    names = [os.path.relpath(path, root) if stem in twins else stem for path, stem in zip(files, stems)]
-    skipped = 0
-    for path, name in list(zip(files, names))[args.rank::args.world_size]:
+    palette, skipped = checkpoint.get("palette", common.colour_palette()), 0
+    for path, name in list(zip(files, output_names(files, root)))[args.rank::args.world_size]:
         try:
             image = common.read_image(path)
             if min(image.shape[-2:]) * scale * min(args.scales) < common.MIN_SIDE:
-                raise common.UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model "
-                                       f"(at least {common.MIN_SIDE} pixels a side at scale {scale * min(args.scales):g})")
+                raise common.UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model (at "
+                                       f"least {common.MIN_SIDE} pixels a side at scale {scale * min(args.scales):g})")
             prediction = predict(model, common.images_to_device(image[None], device, device.type == "cuda"), args,
                                  scale).argmax(1)[0].cpu()
         except common.UserError as e:
@@ -149,20 +274,23 @@ def predict_images(model, args, device, scale, palette):
             skipped += 1
             continue
         except torch.cuda.OutOfMemoryError:
-            print(f"skipped: {path} is too large for the GPU's memory; predict it with --window", file=sys.stderr, flush=True)
+            print(f"skipped: {path} is too large for the GPU's memory; predict it with --window", file=sys.stderr,
+                  flush=True)
             skipped += 1
             continue
         os.makedirs(os.path.dirname(os.path.join(args.save_dir, name)), exist_ok=True)
         common.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
-        picture = overlay(image.as_subclass(torch.Tensor), prediction, palette).permute(1, 2, 0).numpy()
+        picture = overlay(image.as_subclass(torch.Tensor), prediction, palette)
+        picture = Image.fromarray(picture.permute(1, 2, 0).numpy())
+        picture = with_legend(picture, prediction.unique().tolist(), checkpoint["class_names"], palette)
         common.atomic_write(os.path.join(args.save_dir, f"{name}_overlay.jpg"),
-                            lambda tmp: Image.fromarray(picture).save(tmp, format="JPEG", quality=90))
+                            lambda tmp: picture.save(tmp, format="JPEG", quality=90))
     return len(files), int(common.sum_over_processes(torch.tensor(skipped)))
 
 
 def claim_save_dir(args, checkpoint_path, source):
-    """--save-dir: a new or empty folder, or one this script wrote with the same checkpoint, images
-    and options (its predictions are then written again); never inside the folder it reads."""
+    """--save-dir: a new or empty folder, or one this script wrote with the same checkpoint, images and options
+    (its predictions are then written again); never inside the folder it reads."""
     recipe = {"checkpoint": "sha256:" + common.file_sha256(checkpoint_path)[:16], "images": os.path.realpath(source),
               "flip": args.flip, "scales": args.scales, "window": args.window, "stride": args.stride}
     record = common.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=[source])
@@ -171,39 +299,16 @@ def claim_save_dir(args, checkpoint_path, source):
     if args.distributed:
         dist.barrier()  # every process has looked at --save-dir before the first one writes there
     if common.is_main_process():
-        common.write_record(args.save_dir, "--save-dir", {"script": "evaluate.py", "recipe": recipe,
-                                                          "checkpoint": os.path.abspath(checkpoint_path)})
+        common.write_json(os.path.join(args.save_dir, common.RECORD), {
+            "script": "evaluate.py", "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path)})
     if args.distributed:
         dist.barrier()
 
 
-def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
-    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
-    args = checkpoint["args"]
-    model = common.build_model(args["backbone"], len(checkpoint["class_names"]), weights="none", aux_head=args.get("aux_head"))
-    try:
-        model.load_state_dict(checkpoint.get("teacher", checkpoint["model"]))
-    except RuntimeError:
-        raise common.UserError(f"{path}: its weights do not fit a {args['backbone']} model with "
-                               f"{len(checkpoint['class_names'])} classes; the checkpoint is damaged or from another version") from None
-    model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
-
-
-def overlay(image, mask, palette, alpha=0.55):
-    """An image with each class of the mask in its palette colour (black ones, VOC's background, left out), 255 white."""
-    classes = [int(c) for c in mask.unique() if c != common.IGNORE and any(palette[3 * int(c):3 * int(c) + 3])]
-    colours = [tuple(palette[3 * c:3 * c + 3]) for c in classes]
-    if (mask == common.IGNORE).any():
-        classes, colours = classes + [common.IGNORE], colours + [(255, 255, 255)]
-    if not classes:
-        return image
-    return torchvision.utils.draw_segmentation_masks(image, torch.stack([mask == c for c in classes]), alpha, colours)
-
-
 def check_result_file(path, flag, script, reads=()):
-    """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command
-    reads; writable, which is checked now rather than after the long pass that makes it."""
+    """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command reads;
+    writable, which is checked now rather than after the long pass that makes it. A temporary file that a killed
+    write of it left is removed."""
     if os.path.isdir(path) or any(common.is_inside(path, folder) for folder in reads):
         raise common.UserError(f"{flag} {path} is a folder, or inside the data it reads; choose another file")
     try:
@@ -212,12 +317,19 @@ def check_result_file(path, flag, script, reads=()):
         ours = False
     if not ours:
         raise common.UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
+    folder = os.path.dirname(path) or "."
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        pid = re.fullmatch(re.escape(os.path.basename(path)) + r"\.tmp(\d+)", name)  # atomic_write's temporary
+        try:
+            os.kill(int(pid[1]), 0) if pid else None  # signal 0: does its process still run?
+        except ProcessLookupError:
+            os.remove(os.path.join(folder, name))
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         common.write_text(f"{path}.tmp{os.getpid()}", "")
         os.remove(f"{path}.tmp{os.getpid()}")
-    except OSError as e:
-        raise common.UserError(f"{flag} {path} cannot be written ({e.strerror}); choose another file") from None
+    except (OSError, common.UserError):
+        raise common.UserError(f"{flag} {path} cannot be written; choose another file") from None
 
 
 @torch.no_grad()
@@ -232,8 +344,10 @@ def main(argv=None):
 
     if args.images:
         claim_save_dir(args, path, args.images)
-        total, skipped = predict_images(model, args, device, scale, checkpoint.get("palette", common.colour_palette()))
-        print(f"predicted {total - skipped} of {total} images of {args.images} with {which}; written to {args.save_dir}")
+        common.interrupt_note = "the predictions written so far are whole; the same command predicts every image again"
+        total, skipped = predict_images(model, args, device, scale, checkpoint)
+        print(f"predicted {total - skipped} of {total} images of {args.images} with {which}; written to "
+              f"{args.save_dir}")
         if skipped:
             raise common.UserError(f"{skipped} of {total} images of {args.images} could not be predicted (named above)")
         return
@@ -242,19 +356,25 @@ def main(argv=None):
     others = [common.load_checkpoint(other, "--compare") for other in args.compare]
     for other, other_path in [(checkpoint, path)] + others:
         if len(other["class_names"]) != len(description.class_names):
-            raise common.UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} has "
-                                   f"{len(description.class_names)}; is it the right --data-root?")
+            raise common.UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} "
+                                   f"has {len(description.class_names)}; is it the right --data-root?")
+    models = [model_from_checkpoint(other, other_path, device) for other, other_path in others]  # checked now
     if args.json:
         check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])
     if args.save_dir:
+        clash = clashing(description.val_ids, [".png"])
+        if clash:
+            raise common.UserError(f"the val image {clash[0]} would be written both as {clash[0]}.png and as a folder "
+                                   f"of another's prediction; rename the folder {clash[0]}.png")
         claim_save_dir(args, path, description.root)
+    common.interrupt_note = "nothing of the evaluation is kept but whole predictions; the same command evaluates again"
     confusion = evaluate_val(model, description, args, device, scale, save=bool(args.save_dir))
-    print(f"{which} on {len(description.val_ids)} val images of {description.root}:\n{confusion.table(description.class_names)}")
+    print(f"{which} on {len(description.val_ids)} val images of {description.root}:\n"
+          f"{iou_table(confusion, description.class_names)}")
     result = {"written_by": "evaluate.py", "checkpoint": os.path.abspath(path), "step": checkpoint["step"],
               **confusion.report(description.class_names), "compare": {}}
-    for other, other_path in others:
-        miou = evaluate_val(model_from_checkpoint(other, other_path, device), description, args, device,
-                            other["args"].get("image_scale", 1.0)).miou()
+    for (other, other_path), other_model in zip(others, models):
+        miou = evaluate_val(other_model, description, args, device, other["args"].get("image_scale", 1.0)).miou()
         name = os.path.basename(os.path.dirname(os.path.abspath(other_path)))
         result["compare"][name if name not in result["compare"] else other_path] = {
             "checkpoint": os.path.abspath(other_path), "miou": miou, "gain": confusion.miou() - miou}

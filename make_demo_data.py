@@ -1,5 +1,5 @@
-"""Writes the offline demo's synthetic dataset (no download needed), in the VOC layout or in the
-layout of your own data.
+"""The offline demo: writes its synthetic dataset (no download needed), in the VOC layout or in the
+layout of your own data, and defines its model, a tiny U-Net (--backbone tiny_unet of the scripts).
 
     python make_demo_data.py --out data/demo/VOC2012
     python make_demo_data.py --layout folder --out data/demo_folder
@@ -26,6 +26,9 @@ import argparse
 import os
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
 import common
@@ -41,7 +44,8 @@ def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo/VOC2012", help="the folder to write (default: %(default)s)")
     parser.add_argument("--layout", choices=["voc", "folder"], default="voc",
-                        help="VOC2012's folders, or your own data's (images/, masks/, classes.txt) (default: %(default)s)")
+                        help="VOC2012's folders, or your own data's (images/, masks/, classes.txt) "
+                             "(default: %(default)s)")
     parser.add_argument("--train", type=int, default=2300, help="training images (default: %(default)s)")
     parser.add_argument("--train-txt", type=int, default=300,
                         help="how many of them are the pool the labelled images are drawn from (default: %(default)s)")
@@ -78,7 +82,8 @@ def shape_mask(kind, sub, yy, xx, cy, cx, radius, angle, rng):
         if sub == 2:
             return (u >= -0.6 * radius) & (v >= -0.6 * radius) & (u + v <= 0.7 * radius)
         v = v * (stretch if sub == 1 else 1)
-        return np.all([u * np.cos(a) + v * np.sin(a) <= 0.5 * radius for a in (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)], axis=0)
+        sides = (np.pi / 2, np.pi * 7 / 6, np.pi * 11 / 6)
+        return np.all([u * np.cos(a) + v * np.sin(a) <= 0.5 * radius for a in sides], axis=0)
     if kind == 4:  # ring: round, elliptic, thick
         r = np.hypot(u / (stretch * 0.75) if sub == 1 else u, v)
         return (r <= radius) & (r >= (0.3 if sub == 2 else 0.55) * radius)
@@ -118,7 +123,8 @@ def make_sample(rng, size, field, any_colour=False):
     for _ in range(rng.integers(1, 5)):  # thin clutter lines, unlabelled
         y0, x0, y1, x1 = rng.uniform(0, size, size=4)
         t = np.linspace(0, 1, 2 * size)
-        ys, xs = np.clip((y0 + t * (y1 - y0)).astype(int), 0, size - 1), np.clip((x0 + t * (x1 - x0)).astype(int), 0, size - 1)
+        ys = np.clip((y0 + t * (y1 - y0)).astype(int), 0, size - 1)
+        xs = np.clip((x0 + t * (x1 - x0)).astype(int), 0, size - 1)
         image[ys, xs] = pick_colour(rng, any_colour)
     image = np.clip(image + rng.normal(0, 8, size=image.shape), 0, 255).astype(np.uint8)
     # A 1-pixel ignore band where the label changes, as VOC's object borders.
@@ -129,19 +135,67 @@ def make_sample(rng, size, field, any_colour=False):
     return image, mask
 
 
+# ============================================================================= the demo's model
+# common.build_model(backbone="tiny_unet") builds it, split as the DeepLab models are (lower stages, last stage,
+# head), so that both auxiliary heads work unchanged: ĝ is a new last block half as wide.
+
+class TinyUNet(nn.Module):
+    """The CPU demo's U-Net (16-128 channels) but its last stage; returns (1/2-resolution features, full skip)."""
+
+    def __init__(self, widths=(16, 32, 64, 128)):
+        super().__init__()
+        self.down = nn.ModuleList(double_conv(a, b) for a, b in zip((3,) + widths[:-1], widths))
+        self.up = nn.ModuleList(double_conv(widths[i + 1] + widths[i], widths[i]) for i in range(1, len(widths) - 1))
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(reversed(self.up), reversed(skips[1:-1])):
+            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+        return x, skips[0]
+
+
+class TinyUNetLastStage(nn.Module):
+    """The tiny U-Net's last block (ĝ's half as wide); each joins the skip itself (sharing it changes the rounding)."""
+
+    def __init__(self, out_channels=16):
+        super().__init__()
+        self.block = double_conv(32 + 16, out_channels)
+
+    def forward(self, features):
+        x, skip = features
+        return self.block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+
+
+def double_conv(in_channels, out_channels):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True))
+
+
+def tiny_head(in_channels, num_classes):
+    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True),
+                         nn.Conv2d(32, num_classes, 1))
+
+
 def main(argv=None):
     args = get_args(argv)
-    if not 1 <= args.train_txt <= args.train or args.val < 1 or args.size < 16:
-        raise common.UserError("--train-txt must be from 1 to --train, --val at least 1 and --size at least 16")
+    common.check_numbers(args, positive=("train", "train_txt", "val", "size"), at_least_zero=("seed",))
+    if not 1 <= args.train_txt <= args.train or args.size < 16:
+        raise common.UserError("--train-txt must be from 1 to --train, and --size at least 16")
     recipe = {**{k: v for k, v in vars(args).items() if k != "out"}, "code": common.file_sha256(__file__)[:16]}
     record = common.open_output(args.out, "--out", "make_demo_data.py")
     if record is not None and os.path.exists(os.path.join(args.out, "classes.txt")):  # classes.txt comes last
-        common.check_same_recipe(record["recipe"], recipe, args.out, "delete it to write it again, or choose another --out")
+        common.check_same_recipe(record["recipe"], recipe, args.out,
+                                 "delete it to write it again, or choose another --out")
         print(f"{args.out} exists; not rewritten")
         return
-    common.write_record(args.out, "--out", {"script": "make_demo_data.py", "recipe": recipe})
+    common.write_json(os.path.join(args.out, common.RECORD), {"script": "make_demo_data.py", "recipe": recipe})
     voc = args.layout == "voc"
-    for folder in ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"] if voc else ["images", "masks"]:
+    folders = ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"]
+    for folder in folders if voc else ["images", "masks"]:
         os.makedirs(os.path.join(args.out, folder), exist_ok=True)
     rng = np.random.default_rng(args.seed)
     train = [f"train_{i:05d}" for i in range(args.train)]
@@ -149,15 +203,18 @@ def main(argv=None):
     for index, image_id in enumerate(train + val):
         image, mask = make_sample(rng, args.size, field=args.field_variety and index >= args.train_txt,
                                   any_colour=args.any_colour)
-        Image.fromarray(image).save(os.path.join(args.out, "JPEGImages" if voc else "images", f"{image_id}.jpg"), quality=95)
+        Image.fromarray(image).save(os.path.join(args.out, "JPEGImages" if voc else "images", f"{image_id}.jpg"),
+                                    quality=95)
         if voc or index < args.train_txt or index >= args.train:  # your own data: masks for the pool and val only
-            common.save_mask_png(os.path.join(args.out, "SegmentationClass" if voc else "masks", f"{image_id}.png"), mask,
+            common.save_mask_png(os.path.join(args.out, "SegmentationClass" if voc else "masks", f"{image_id}.png"),
+                                 mask,
                                  common.colour_palette())
-    lists = [("ImageSets/Segmentation/train.txt", train[:args.train_txt]), ("ImageSets/SegmentationAug/train_aug.txt", train),
+    lists = [("ImageSets/Segmentation/train.txt", train[:args.train_txt]),
+             ("ImageSets/SegmentationAug/train_aug.txt", train),
              ("ImageSets/Segmentation/val.txt", val)] if voc else [("val.txt", val)]
     for name, ids in lists:
         common.write_text(os.path.join(args.out, name), "".join(f"{i}\n" for i in ids))
-    common.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: marks it complete
+    common.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: it is done
     print(f"wrote {args.train} training images ({args.train_txt} in the labelled pool) and {args.val} val images to "
           f"{args.out}, in the {args.layout} layout" + (", with field variety" if args.field_variety else ""))
 

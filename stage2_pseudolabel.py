@@ -1,55 +1,66 @@
-"""Pseudo-masks for every training image of a checkpoint's split (labelled and unlabelled), with
-their quality against the true masks, their uncertainty and a picture of some of them.
+"""The pseudo-masks between the paper's stages: for every training image of a checkpoint's split (labelled and
+unlabelled), the argmax of its main head (the mean teacher's, for a multi-task checkpoint), with their quality
+against the true masks, their uncertainty, pictures, and the images to label next. (The paper numbers only its
+three training stages; this script is the step before its stages 2 and 3, and after stage 3 to measure the last
+round.)
 
     python stage2_pseudolabel.py --checkpoint runs/stage1 --out runs/pseudo1
     python stage2_pseudolabel.py --checkpoint runs/stage3 --out runs/pseudo3 --previous runs/pseudo1 runs/pseudo2
     torchrun --nproc-per-node 4 stage2_pseudolabel.py --checkpoint runs/stage1 --out runs/pseudo1
 
---checkpoint is a checkpoint.pt of stage 1 or 3, or its run folder. Each pseudo-mask is the
-argmax of the main head (the mean teacher's, for a multi-task checkpoint), full image, at the
-scale the model was trained at, written as <out>/<id>.png: a palette PNG of class indices at the
-image's original size. On Cityscapes the ego vehicle's region (found in the labelled images'
-masks) is 255. <out>/labeled.txt and unlabeled.txt are the checkpoint's split, which
-stage3_multitask.py trains with. <out>/stats.json holds the figures the script prints:
-  - quality: mIoU and per-class IoU of the pseudo-masks against the true masks, wherever a true
-    mask exists, for the unlabelled and the labelled images separately;
-  - uncertainty: mean max-probability, mean per-pixel entropy (nats; at most ln C), the share of
-    pixels whose max-probability is at least 0.9, a histogram of max-probability, and a
-    reliability table: the accuracy of the pseudo-mask pixels by max-probability bin, where a
-    true mask exists, with the expected calibration error (ECE).
-<out>/preview.png shows a fixed choice of unlabelled images (the same in every round of a run):
-the image, its true mask, the pseudo-masks of the --previous rounds and of this one and, with
---save-confidence, the confidence. The same command again finishes an interrupted run; a folder
-of another checkpoint's pseudo-masks is refused, unless --overwrite, which removes only what this
-script wrote there.
+--checkpoint is a checkpoint.pt of a training stage, or its run folder. Each pseudo-mask is predicted from the
+full image, at the scale the model was trained at, and written as <out>/masks/<id>.png: a palette PNG of class
+indices at the image's original size (a dataset of 0/255 masks gets 0 black and 1 white). On Cityscapes the ego
+vehicle's region (found in the labelled images' masks) is 255. <out> also holds:
+  - labeled.txt, unlabeled.txt: the checkpoint's split, which stage3_multitask.py trains with;
+  - stats.json, the figures printed: quality (mIoU and per-class IoU against the true masks, wherever a true mask
+    exists, for the unlabelled and the labelled images apart); uncertainty (mean max-probability, mean per-pixel
+    entropy in nats (at most ln C), the share of pixels whose max-probability is at least 0.9, a histogram of
+    max-probability, and a reliability table: the accuracy of the pixels by max-probability bin, where a true mask
+    exists, with the expected calibration error (ECE)); written last, it marks the folder finished;
+  - preview.png: a fixed choice of unlabelled images (the same in every round of a run): the image, its true
+    mask, the pseudo-masks of the --previous rounds and of this one and, with --save-confidence, the confidence,
+    with a legend of the classes;
+  - label_next.csv and label_next.png: the unlabelled images without a mask (all unlabelled images where every
+    one has a mask), ranked by the model's uncertainty about them, the mean entropy of their predicted
+    probabilities, most uncertain first. It ranks what the model is unsure of, not what it gets wrong: where true
+    masks exist, stats.json gives the ranking's Spearman correlation with the pixel error;
+  - image_stats/<id>.npy, each image's figures; with --save-confidence, confidence/<id>.png (max-probability, 255
+    = 1.0).
+The same command again finishes an interrupted run and leaves a finished one alone; a folder of another
+checkpoint's pseudo-masks is refused, unless --overwrite, which removes only what this script wrote there.
 """
 import argparse
 import collections
 import concurrent.futures
+import csv
+import io
 import json
 import os
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 import common
-import evaluate  # the checkpoint's model and the overlays, as evaluate.py predicts
+import evaluate  # the checkpoint's model, whole-image prediction and the pictures, as evaluate.py's
 
 BINS = 10  # of max-probability over [0, 1]
 CONFIDENT = 0.9
 SCRIPT = "stage2_pseudolabel.py"
+OWN_FILES = ["stats.json", "preview.png", "label_next.csv", "label_next.png", "labeled.txt", "unlabeled.txt"]
 
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of stage 1 or stage 3, or its run folder")
-    parser.add_argument("--out", required=True, help="folder for the pseudo-masks, new or this script's, e.g. runs/pseudo1")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of a training stage, or its run folder")
+    parser.add_argument("--out", required=True,
+                        help="folder for the pseudo-masks, new or this script's, e.g. runs/pseudo1")
     parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on)")
     parser.add_argument("--previous", nargs="+", default=[], metavar="DIR",
                         help="the pseudo-masks of earlier rounds of the same run: shown beside this round in "
@@ -67,13 +78,26 @@ def get_args(argv=None):
     return parser.parse_args(argv)
 
 
+def stat_fields(num_classes):
+    """The figures of one image's pseudo-mask, by name and length, in the order of its row in image_stats/."""
+    return {"confusion": num_classes * num_classes,  # against the true mask, where there is one
+            "pixels": 1, "sum_max_prob": 1, "sum_entropy": 1, "confident": 1, "has_truth": 1,
+            "histogram": BINS,  # pixels by max-probability bin; then, of the pixels with a true label, by bin:
+            "judged": BINS, "correct": BINS, "judged_max_prob": BINS}  # how many, how many right, their max-prob
+
+
+def by_field(rows, num_classes):
+    """Rows of per-image figures (images, row length) as {field: (images, field length)}."""
+    fields, start = {}, 0
+    for name, length in stat_fields(num_classes).items():
+        fields[name], start = rows[:, start:start + length], start + length
+    return fields
+
+
 def batch_stats(probs, targets, num_classes, ignore_region=None):
-    """The pseudo-masks of a batch (N, H, W; ignore_region set to 255), their max-probability and
-    each image's figures as a row: the confusion matrix against the truth; pixels, sum of
-    max-probability, sum of entropy, confident pixels, has-truth; then by max-probability bin:
-    pixels, pixels with truth, correct pixels, and the sum of max-probability over the pixels with
-    truth. All on the device, so that a batch is read back at once."""
-    n, c = probs.shape[:2]
+    """The pseudo-masks of a batch (N, H, W; ignore_region set to 255), their max-probability and each image's
+    figures (stat_fields) as a row. All on the device, so that a batch is read back at once."""
+    n = len(probs)
     max_prob, prediction = probs.max(1)
     if ignore_region is not None:
         prediction[:, ignore_region] = common.IGNORE
@@ -87,13 +111,24 @@ def batch_stats(probs, targets, num_classes, ignore_region=None):
         where = torch.ones_like(judged) if where is None else where
         weights = None if weights is None else weights[where].double()
         return torch.bincount((image * size + keys)[where], weights, minlength=n * size).view(n, size).double()
-    rows = [per_image(targets.long() * c + prediction.long(), c * c, judged),
-            torch.full((n, 1), prediction[0].numel(), dtype=torch.float64, device=probs.device),
-            max_prob.double().sum((1, 2))[:, None], entropy.double().sum((1, 2))[:, None],
-            (max_prob >= CONFIDENT).sum((1, 2))[:, None].double(), judged.flatten(1).any(1)[:, None].double(),
-            per_image(bins, BINS), per_image(bins, BINS, judged), per_image(bins, BINS, judged & (prediction == targets)),
-            per_image(bins, BINS, judged, max_prob)]
-    return prediction, max_prob, torch.cat(rows, 1)
+
+    def per_image_sum(values):
+        return values.double().flatten(1).sum(1, keepdim=True)
+    fields = {"confusion": per_image(targets.long() * num_classes + prediction.long(), num_classes ** 2, judged),
+              "pixels": per_image_sum(torch.ones_like(max_prob)), "sum_max_prob": per_image_sum(max_prob),
+              "sum_entropy": per_image_sum(entropy), "confident": per_image_sum(max_prob >= CONFIDENT),
+              "has_truth": judged.flatten(1).any(1, keepdim=True).double(), "histogram": per_image(bins, BINS),
+              "judged": per_image(bins, BINS, judged),
+              "correct": per_image(bins, BINS, judged & (prediction == targets)),
+              "judged_max_prob": per_image(bins, BINS, judged, max_prob)}
+    assert list(fields) == list(stat_fields(num_classes))  # the order of a row
+    return prediction, max_prob, torch.cat(list(fields.values()), 1)
+
+
+def load_rows(out, ids, num_classes):
+    length = sum(stat_fields(num_classes).values())
+    rows = [np.load(os.path.join(out, "image_stats", f"{i}.npy")) for i in ids]
+    return by_field(np.stack(rows) if rows else np.zeros((0, length)), num_classes)
 
 
 def summarize(out, labeled, unlabeled, class_names):
@@ -101,23 +136,45 @@ def summarize(out, labeled, unlabeled, class_names):
     n = len(class_names)
     groups = {}
     for group, ids in [("unlabeled", unlabeled), ("labeled", labeled)]:
-        rows = np.stack([np.load(os.path.join(out, "image_stats", f"{i}.npy")) for i in ids]) if ids else np.zeros((0, n * n + 5 + 4 * BINS))
+        f = {name: value.sum(0) for name, value in load_rows(out, ids, n).items()}
         confusion = common.ConfusionMatrix(n)
-        confusion.matrix = torch.from_numpy(rows[:, :n * n].sum(0).reshape(n, n).round().astype(np.int64))
-        pixels, sum_max_prob, sum_entropy, confident, with_truth = rows[:, n * n:n * n + 5].sum(0)
-        histogram, truth, correct, truth_prob = rows[:, n * n + 5:].sum(0).reshape(4, BINS)
-        reliability = [{"bin": [b / BINS, (b + 1) / BINS], "share_of_pixels": t / max(truth.sum(), 1),
+        confusion.matrix = torch.from_numpy(f["confusion"].reshape(n, n).round().astype(np.int64))
+        pixels, judged = max(f["pixels"][0], 1), f["judged"]
+        reliability = [{"bin": [b / BINS, (b + 1) / BINS], "share_of_pixels": t / max(judged.sum(), 1),
                         "mean_max_prob": p / t if t else None, "accuracy": c / t if t else None}
-                       for b, (t, c, p) in enumerate(zip(truth, correct, truth_prob))]
+                       for b, (t, c, p) in enumerate(zip(judged, f["correct"], f["judged_max_prob"]))]
         groups[group] = {
-            "images": len(ids), "images_with_truth": int(with_truth), **confusion.report(class_names),
-            "mean_max_prob": sum_max_prob / max(pixels, 1), "mean_entropy": sum_entropy / max(pixels, 1),
-            "confident_share": confident / max(pixels, 1), "max_prob_histogram": (histogram / max(pixels, 1)).tolist(),
+            "images": len(ids), "images_with_truth": int(f["has_truth"][0]), **confusion.report(class_names),
+            "mean_max_prob": f["sum_max_prob"][0] / pixels, "mean_entropy": f["sum_entropy"][0] / pixels,
+            "confident_share": f["confident"][0] / pixels, "max_prob_histogram": (f["histogram"] / pixels).tolist(),
             "reliability": reliability,
             # ECE: the gap between confidence and accuracy, weighted by each bin's share of pixels.
-            "calibration_error": float(np.sum(np.abs(correct - truth_prob)) / truth.sum()) if truth.sum() else None,
+            "calibration_error": (float(np.sum(np.abs(f["correct"] - f["judged_max_prob"])) / judged.sum())
+                                  if judged.sum() else None),
         }
     return groups
+
+
+def rank_to_label(out, description, unlabeled, class_names):
+    """The unlabelled images without a mask (all of them where each has one), most uncertain first, with their
+    figures; and, over those with a true mask, the Spearman correlation of the ranking's mean entropy with the
+    share of wrong pixels (the ranking measures uncertainty; this says how far it follows the error)."""
+    candidates = [i for i in unlabeled if not description.masks.get(i)] or list(unlabeled)
+    f = load_rows(out, candidates, len(class_names))
+    pixels, judged = f["pixels"][:, 0], f["judged"].sum(1)
+    entropy, error = f["sum_entropy"][:, 0] / pixels, 1 - f["correct"].sum(1) / np.maximum(judged, 1)
+    order = np.argsort(-entropy, kind="stable")
+    rows = [{"rank": rank + 1, "id": candidates[i], "mean_entropy": round(float(entropy[i]), 4),
+             "mean_max_prob": round(float(f["sum_max_prob"][i, 0] / pixels[i]), 4),
+             "below_0.9": round(float(1 - f["confident"][i, 0] / pixels[i]), 4),
+             "has_mask": bool(description.masks.get(candidates[i])),
+             "pixel_error": round(float(error[i]), 4) if judged[i] else None} for rank, i in enumerate(order)]
+    truth = judged > 0
+    spearman = None
+    if truth.sum() >= 3 and np.ptp(entropy[truth]) > 0 and np.ptp(error[truth]) > 0:
+        ranks = [np.argsort(np.argsort(x[truth])) for x in (entropy, error)]
+        spearman = float(np.corrcoef(*ranks)[0, 1])
+    return rows, spearman
 
 
 def print_summary(stats, class_names):
@@ -130,7 +187,8 @@ def print_summary(stats, class_names):
     for name in class_names:
         print(f"  {name:<{width}}  {cell(u['per_class'][name])}  {cell(l['per_class'][name])}")
     print(f"  {'mIoU':<{width}}  {cell(u['miou'])}  {cell(l['miou'])}   "
-          f"({u['images_with_truth']}/{u['images']} and {l['images_with_truth']}/{l['images']} images have a true mask)")
+          f"({u['images_with_truth']}/{u['images']} and {l['images_with_truth']}/{l['images']} images have a true "
+          "mask)")
     for name, g in [("unlabelled", u), ("labelled", l)]:
         histogram = " ".join(f"{100 * x:.0f}" for x in g["max_prob_histogram"])
         print(f"uncertainty, {name}: mean max-probability {g['mean_max_prob']:.3f}, mean entropy "
@@ -141,12 +199,17 @@ def print_summary(stats, class_names):
                           if b["accuracy"] is not None)
         print(f"reliability, unlabelled (accuracy of the pixels by max-probability): {cells}; "
               f"calibration error {100 * u['calibration_error']:.1f} points")
+    n, rho = stats["label_next"]["images"], stats["label_next"]["spearman_entropy_vs_error"]
+    print(f"to label next: {n} images ranked by the model's uncertainty in label_next.csv, the most uncertain in "
+          "label_next.png" + (f"; on those with a true mask, its rank correlation with the pixel error: {rho:.2f}"
+                              if rho is not None else ""))
 
 
 def print_rounds(folders, rounds):
-    """The unlabelled images' pseudo-masks round by round: the paper's claim is that each round is
-    better and less uncertain; the calibration error says whether the confidence is earned."""
-    print(f"\n{'pseudo-masks of the unlabelled images':<40}{'mIoU':>8}{'max-prob':>10}{'entropy':>9}{'>=0.9':>8}{'ECE':>7}")
+    """The unlabelled images' pseudo-masks round by round: the paper's claim is that each round is better and
+    less uncertain; the calibration error says whether the confidence is earned."""
+    print(f"\n{'pseudo-masks of the unlabelled images':<40}{'mIoU':>8}{'max-prob':>10}{'entropy':>9}{'>=0.9':>8}"
+          f"{'ECE':>7}")
     for folder, u in zip(folders, rounds):
         ece = f"{100 * u['calibration_error']:7.1f}" if u["calibration_error"] is not None else f"{'-':>7}"
         print(f"{folder:<40}{u['miou']:8.2f}{u['mean_max_prob']:10.3f}{u['mean_entropy']:9.3f}"
@@ -154,8 +217,8 @@ def print_rounds(folders, rounds):
 
 
 def ego_vehicle_region(description, labeled):
-    """Cityscapes' ego vehicle (its car's bonnet, raw id 1 in gtFine's labelIds): the pixels that
-    are ego vehicle in at least half of the labelled images' masks, at the images' size."""
+    """Cityscapes' ego vehicle (its car's bonnet, raw id 1 in gtFine's labelIds): the pixels that are ego vehicle
+    in at least half of the labelled images' masks, at the images' size."""
     if description.kind != "cityscapes":
         return None
     paths = [description.masks[i] for i in labeled if (description.masks[i] or "").endswith("_labelIds.png")]
@@ -168,33 +231,34 @@ def ego_vehicle_region(description, labeled):
     return region
 
 
-def write_preview(path, description, ids, rounds, confidence_dir=None):
-    """A contact sheet: a row per image (the image, its true mask, the pseudo-masks of each round
-    in `rounds` [(title, folder)] and the confidence), every panel fitted into 160 x 160 pixels."""
-    def thumbnail(image, size=160):
-        scale = size / max(image.shape[-2:])
-        h, w = max(1, round(image.shape[-2] * scale)), max(1, round(image.shape[-1] * scale))
-        top, left = (size - h) // 2, (size - w) // 2
-        return v2.functional.pad(v2.functional.resize(image, [h, w], antialias=True), [left, top, size - w - left, size - h - top], fill=40)
-
-    def classes(folder, image_id):
-        return torch.from_numpy(np.array(Image.open(os.path.join(folder, f"{image_id}.png"))))
-    titles = ["image", "true mask"] + [title for title, _ in rounds] + (["confidence"] if confidence_dir else [])
-    panels = []
-    for image_id in ids:
-        image = common.read_image(description.images[image_id]).as_subclass(torch.Tensor)
-        truth = common.SegmentationDataset(description, [image_id], masks_optional=True)[0][1]
-        row = [image] + [evaluate.overlay(image, mask, description.palette)
-                         for mask in [truth] + [classes(folder, image_id) for _, folder in rounds]]
-        panels += [thumbnail(panel) for panel in row + ([classes(confidence_dir, image_id).expand(3, -1, -1)] if confidence_dir else [])]
-    if not panels:
-        return
-    grid = torchvision.utils.make_grid(panels, nrow=len(titles), padding=2, pad_value=255)
-    sheet = Image.new("RGB", (grid.shape[-1], grid.shape[-2] + 16), "white")
-    sheet.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (0, 16))
-    for i, title in enumerate(titles):
-        ImageDraw.Draw(sheet).text((i * grid.shape[-1] / len(titles) + 4, 2), title, fill="black")
+def write_sheet(path, titles, rows, captions, description, size=160):
+    """A contact sheet: a column per title, a row of panels (uint8 CHW tensors, each fitted into size x size,
+    pixels kept sharp when enlarged) under a caption per row, and a legend of the classes in the masks shown."""
+    sheet = Image.new("RGB", (len(titles) * (size + 4) + 4, 18 + len(rows) * (size + 18)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, title in enumerate(titles):
+        draw.text((4 + c * (size + 4), 3), title, fill="black")
+    classes = set()
+    for r, (row, caption) in enumerate(zip(rows, captions)):
+        y = 18 + r * (size + 18)
+        draw.text((4, y + 2), caption, fill="black")
+        for c, (panel, mask) in enumerate(row):
+            classes |= set(mask.unique().tolist()) if mask is not None else set()
+            scale = size / max(panel.shape[-2:])
+            shape = [max(1, round(side * scale)) for side in panel.shape[-2:]]
+            mode = v2.InterpolationMode.NEAREST if scale > 1 else v2.InterpolationMode.BILINEAR
+            thumb = v2.functional.resize(panel, shape, interpolation=mode, antialias=True)
+            sheet.paste(Image.fromarray(thumb.permute(1, 2, 0).numpy()), (4 + c * (size + 4), y + 16))
+    sheet = evaluate.with_legend(sheet, sorted(classes), description.class_names, description.palette)
     common.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def image_and_masks(description, image_id, folders):
+    """An image and its masks as sheet panels: the image, its true mask, then its pseudo-mask in each folder."""
+    image = common.read_image(description.images[image_id]).as_subclass(torch.Tensor)
+    truth = common.SegmentationDataset(description, [image_id], masks_optional=True)[0][1]
+    masks = [truth] + [torch.from_numpy(np.array(Image.open(pseudo_mask(folder, image_id)))) for folder in folders]
+    return [(image, None)] + [(evaluate.overlay(image, mask, description.palette), mask) for mask in masks]
 
 
 def read_round(folder, labeled, data_root):
@@ -202,18 +266,26 @@ def read_round(folder, labeled, data_root):
     record = common.read_record(folder, "--previous", SCRIPT)
     if not os.path.exists(os.path.join(folder, "stats.json")):
         raise common.UserError(f"--previous {folder} is unfinished: run the {SCRIPT} command that made it again")
-    if record["recipe"]["data_root"] != data_root or common.read_lines(os.path.join(folder, "labeled.txt")) != sorted(labeled):
+    same_split = common.read_lines(os.path.join(folder, "labeled.txt")) == sorted(labeled)
+    if record["recipe"]["data_root"] != data_root or not same_split:
         raise common.UserError(f"--previous {folder} was made on other data or another split than --checkpoint's")
+    if not os.path.isdir(os.path.join(folder, "masks")):
+        raise common.UserError(f"--previous {folder} was written by an earlier version (no masks/ folder); make it "
+                               "again with this one")
     return json.loads(open(os.path.join(folder, "stats.json")).read())["unlabeled"]
+
+
+def pseudo_mask(folder, image_id):
+    return os.path.join(folder, "masks", f"{image_id}.png")
 
 
 def remove_own_files(out):
     """What this script wrote in `out` (for --overwrite); anything else there stays."""
     ids = sum((common.read_lines(os.path.join(out, f"{name}.txt")) for name in ["labeled", "unlabeled"]
                if os.path.exists(os.path.join(out, f"{name}.txt"))), [])
-    paths = [os.path.join(out, *parts) for i in ids for parts in [(f"{i}.png",), ("image_stats", f"{i}.npy"),
+    paths = [os.path.join(out, *parts) for i in ids for parts in [("masks", f"{i}.png"), ("image_stats", f"{i}.npy"),
                                                                   ("confidence", f"{i}.png")]]
-    for path in paths + [os.path.join(out, name) for name in ["stats.json", "preview.png", "labeled.txt", "unlabeled.txt"]]:
+    for path in paths + [os.path.join(out, name) for name in OWN_FILES]:
         if os.path.exists(path):
             os.remove(path)
 
@@ -221,8 +293,7 @@ def remove_own_files(out):
 @torch.no_grad()
 def main(argv=None):
     args = get_args(argv)
-    if args.batch_size < 1 or args.workers < 0:
-        raise common.UserError("--batch-size must be at least 1 and --workers at least 0")
+    common.check_numbers(args, positive=("batch_size",), at_least_zero=("workers",))
     device = common.init_distributed_mode(args)
     checkpoint, checkpoint_path = common.load_checkpoint(args.checkpoint)
     description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
@@ -233,36 +304,59 @@ def main(argv=None):
     training = set(description.train_ids)
     absent = [i for i in labeled + unlabeled if i not in training]
     if absent:
-        raise common.UserError(f"{checkpoint_path} was trained with the image {absent[0]}, which is not a training image "
-                               f"of {description.root} ({len(absent)} such); is it the right --data-root?")
-    recipe = {"checkpoint": "sha256:" + common.file_sha256(checkpoint_path)[:16], "data_root": os.path.realpath(description.root)}
+        raise common.UserError(f"{checkpoint_path} was trained with the image {absent[0]}, which is not a training "
+                               f"image of {description.root} ({len(absent)} such); is it the right --data-root?")
+    clash = evaluate.clashing(labeled + unlabeled, [".png", ".npy"])
+    if clash:
+        raise common.UserError(f"the image {clash[0]} would be written both as a file and as a folder of another "
+                               f"image's; rename the folder {clash[0]}.png (or .npy) of the dataset")
+    recipe = {"checkpoint": "sha256:" + common.file_sha256(checkpoint_path)[:16],
+              "data_root": os.path.realpath(description.root)}
     record = common.open_output(args.out, "--out", SCRIPT, reads=[description.root])
     previous = [read_round(folder, labeled, recipe["data_root"]) for folder in args.previous]
     if record is not None and record["recipe"] != recipe:
         if not args.overwrite:
-            raise common.UserError(f"--out {args.out} holds the pseudo-masks of {record['checkpoint']} (step {record['step']}) "
-                                   f"on {record['recipe']['data_root']}; use another --out, or add --overwrite to replace them")
+            raise common.UserError(f"--out {args.out} holds the pseudo-masks of {record['checkpoint']} (step "
+                                   f"{record['step']}) on {record['recipe']['data_root']}; use another --out, or add "
+                                   "--overwrite to replace them")
         if common.is_main_process():
             remove_own_files(args.out)
+
+    def done(image_id):
+        parts = [("masks", f"{image_id}.png"), ("image_stats", f"{image_id}.npy")] + (
+            [("confidence", f"{image_id}.png")] if args.save_confidence else [])
+        return all(os.path.exists(os.path.join(args.out, *p)) for p in parts)
+    todo = [i for i in sorted(labeled + unlabeled) if not done(i)]
+    if record is not None and record["recipe"] == recipe and not todo and os.path.exists(
+            os.path.join(args.out, "stats.json")):  # finished: left exactly as it is
+        stats = json.loads(open(os.path.join(args.out, "stats.json")).read())
+        print(f"{args.out} holds these pseudo-masks, finished (stats.json): nothing to do")
+        print_summary(stats, class_names)
+        if previous:
+            print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
+        return
     if args.distributed:
         dist.barrier()  # every process has looked at --out before the first one writes there
     if common.is_main_process():
-        common.write_record(args.out, "--out", {"script": SCRIPT, "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path),
-                                                "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model"})
+        common.write_json(os.path.join(args.out, common.RECORD), {
+            "script": SCRIPT, "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path),
+            "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model"})
         for name, ids in [("labeled", labeled), ("unlabeled", unlabeled)]:
             common.write_text(os.path.join(args.out, f"{name}.txt"), "".join(f"{i}\n" for i in sorted(ids)))
         for folder in {os.path.dirname(os.path.join(args.out, part, i)) for i in labeled + unlabeled
-                       for part in ["", "image_stats"] + (["confidence"] if args.save_confidence else [])}:
+                       for part in ["masks", "image_stats"] + (["confidence"] if args.save_confidence else [])}:
             os.makedirs(folder, exist_ok=True)  # with your own data, ids may have folders in them
+        stale = os.path.join(args.out, "stats.json")  # it marks a finished folder, which this one is not yet
+        if os.path.exists(stale):
+            os.remove(stale)
     if args.distributed:
         dist.barrier()
-
-    def done(image_id):
-        parts = [(f"{image_id}.png",), ("image_stats", f"{image_id}.npy")] + ([("confidence", f"{image_id}.png")] if args.save_confidence else [])
-        return all(os.path.exists(os.path.join(args.out, *p)) for p in parts)
-    todo = [i for i in sorted(labeled + unlabeled) if not done(i)]
+    which = "teacher" if "teacher" in checkpoint else "model"
+    paper_stage = checkpoint.get("stage")
     print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "
-          f"labelling with the {'teacher' if 'teacher' in checkpoint else 'model'} of {checkpoint_path} (step {checkpoint['step']})")
+          f"labelling with the {which} of {checkpoint_path} (the paper's stage {paper_stage}, step "
+          f"{checkpoint['step']})")
+    common.interrupt_note = "the pseudo-masks written so far are whole and kept; the same command writes the rest"
 
     model = evaluate.model_from_checkpoint(checkpoint, checkpoint_path, device)
     ego = ego_vehicle_region(description, labeled)
@@ -270,26 +364,28 @@ def main(argv=None):
     image_scale = checkpoint["args"].get("image_scale", 1.0)
 
     def write(image_id, prediction, row, confidence):
-        """An image's files, the PNG last: its presence says that the image is done."""
-        def save_row(tmp):
-            with open(tmp, "wb") as f:  # a file object, so that numpy adds no .npy to the temporary name
-                np.save(f, row)
-        common.atomic_write(os.path.join(args.out, "image_stats", f"{image_id}.npy"), save_row)
+        """An image's files, the pseudo-mask last: its presence says that the image is done."""
+        buffer = io.BytesIO()
+        np.save(buffer, row)
+        common.atomic_write(os.path.join(args.out, "image_stats", f"{image_id}.npy"),
+                            lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
         if confidence is not None:
             common.atomic_write(os.path.join(args.out, "confidence", f"{image_id}.png"),
                                 lambda tmp: Image.fromarray(confidence, mode="L").save(tmp, format="PNG"))
-        common.save_mask_png(os.path.join(args.out, f"{image_id}.png"), prediction, description.palette)
+        common.save_mask_png(pseudo_mask(args.out, image_id), prediction, description.palette)
 
     start = time.time()
     dataset = common.SegmentationDataset(description, todo, masks_optional=True)
-    loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, image_scale)
+    loader = evaluate.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, image_scale)
     threads = max(1, args.workers)
     with concurrent.futures.ThreadPoolExecutor(threads) as writers:  # PNG encoding and writing overlap the model
         pending = collections.deque()
         for images, masks, indices in loader:
-            probs = common.predict(model, common.images_to_device(images, device, device.type == "cuda"), image_scale, args.amp)
+            probs = evaluate.image_probs(model, common.images_to_device(images, device, device.type == "cuda"),
+                                         image_scale, args.amp)
             region = ego if ego is not None and ego.shape == masks.shape[-2:] else None
-            predictions, max_prob, rows = batch_stats(probs, masks.to(device, non_blocking=True), len(class_names), region)
+            predictions, max_prob, rows = batch_stats(probs, masks.to(device, non_blocking=True), len(class_names),
+                                                      region)
             predictions, rows = predictions.byte().cpu().numpy(), rows.cpu().numpy()  # the batch read back at once
             confidences = (max_prob * 255).round().byte().cpu().numpy() if args.save_confidence else [None] * len(rows)
             for index, prediction, row, confidence in zip(indices.tolist(), predictions, rows, confidences):
@@ -305,18 +401,44 @@ def main(argv=None):
         return
 
     stats = summarize(args.out, labeled, unlabeled, class_names)
+    ranked, spearman = rank_to_label(args.out, description, unlabeled, class_names)
     stats.update({"images": len(labeled) + len(unlabeled), "images_labelled_now": len(todo), "seconds": seconds,
-                  "images_per_second": len(todo) / seconds if todo else None, "source": os.path.abspath(checkpoint_path)})
-    common.write_json(os.path.join(args.out, "stats.json"), stats)
-    rounds = [(os.path.basename(os.path.normpath(folder)), folder) for folder in args.previous + [args.out]]
+                  "images_per_second": len(todo) / seconds if todo else None,
+                  "source": os.path.abspath(checkpoint_path),
+                  "label_next": {"images": len(ranked), "ranked_by": "mean entropy of the predicted probabilities",
+                                 "spearman_entropy_vs_error": spearman}})
+
+    def confidence(image_id):
+        """An image's max-probability as a grey panel (white: 1)."""
+        image = common.images_to_device(common.read_image(description.images[image_id])[None], device)
+        max_prob = evaluate.image_probs(model, image, image_scale, args.amp).max(1)[0][0]
+        return [((max_prob * 255).round().byte().cpu().expand(3, -1, -1), None)]
+    folders, with_confidence = args.previous + [args.out], ["confidence (white: 1)"] if args.save_confidence else []
     preview = random.Random(0).sample(sorted(unlabeled), min(8, len(unlabeled)))  # the same images in every round
-    write_preview(os.path.join(args.out, "preview.png"), description, preview, rounds,
-                  os.path.join(args.out, "confidence") if args.save_confidence else None)
+    write_sheet(os.path.join(args.out, "preview.png"),
+                ["image", "true mask"] + [os.path.basename(os.path.normpath(f)) for f in folders] + with_confidence,
+                [image_and_masks(description, i, folders) + (confidence(i) if with_confidence else [])
+                 for i in preview],
+                preview, description)
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            table = csv.DictWriter(f, fieldnames=list(ranked[0]) if ranked else ["rank", "id"])
+            table.writeheader()
+            table.writerows(ranked)
+    common.atomic_write(os.path.join(args.out, "label_next.csv"), write_csv)
+    top = ranked[:8]
+    write_sheet(os.path.join(args.out, "label_next.png"),
+                ["image", "true mask", "pseudo-mask", "confidence (white: 1)"],
+                [image_and_masks(description, r["id"], [args.out]) + confidence(r["id"]) for r in top],
+                [f"{r['rank']}. {r['id']}: mean entropy {r['mean_entropy']:.3f}" for r in top], description)
+    common.write_json(os.path.join(args.out, "stats.json"), stats)  # last: the folder is finished
     print_summary(stats, class_names)
     if previous:
         print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
     speed = f" ({len(todo) / seconds:.1f} images/s)" if todo else ""
-    print(f"wrote {len(todo)} pseudo-masks to {args.out} in {seconds:.1f} s{speed}; stats in {args.out}/stats.json, "
+    print(f"wrote {len(todo)} pseudo-masks to {args.out}/masks in {seconds:.1f} s{speed}; stats in "
+          f"{args.out}/stats.json, "
           f"pictures in {args.out}/preview.png")
 
 

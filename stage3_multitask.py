@@ -1,44 +1,47 @@
-"""The multi-task mean-teacher training of Ke et al. (IEEE TIP 2022), paper stages 2 and 3.
+"""The multi-task mean-teacher training of Ke et al. (IEEE TIP 2022): the paper's stage 2 (--aux-head separate)
+and stage 3 (--aux-head shared).
 
-    python stage3_multitask.py --pseudo runs/pseudo1 --aux-head separate --out runs/stage2
-    python stage3_multitask.py --pseudo runs/pseudo2 --aux-head shared --out runs/stage3
+    python stage3_multitask.py --pseudo runs/pseudo1 --aux-head separate --out runs/stage2    # paper stage 2
+    python stage3_multitask.py --pseudo runs/pseudo2 --aux-head shared --out runs/stage3      # paper stage 3
 
-It trains on the split and the data of its pseudo-masks (stage2_pseudolabel.py's --out, which
-took them from the checkpoint that made the masks). A student and its EMA teacher, as in the
-authors' training step. Each step takes labelled images x_l (true masks y_l) and images of the
-whole training set x_u (labelled ones too), each with its pseudo-mask p. All get the weak view
-(scale, crop, flip); x_u also gets the strong augmentation S (3 of RandAugment's 14 operations
-and Cutout), whose geometric operations move p and the teacher's target with the image. The
-teacher sees the weak views [x_l, x_u]; its argmax t is carried through S's warp. The student
-sees [x_l, S(x_u)]. With CE the cross-entropy ignoring 255, over the whole batch where not said
-otherwise:
+It trains on the split and the data of its pseudo-masks (stage2_pseudolabel.py's --out, which took them from the
+checkpoint that made the masks). A student and its EMA teacher, as in the authors' training step. Each step takes
+labelled images x_l (true masks y_l) and images of the whole training set x_u (labelled ones too), each with its
+pseudo-mask p. All get the weak view (scale, crop, flip); x_u also gets the strong augmentation S (3 of
+RandAugment's 14 operations and Cutout), whose geometric operations move p and the teacher's target with the image.
+The teacher sees the weak views [x_l, x_u]; its argmax t is carried through S's warp. The student sees [x_l, S(x_u)].
+With CE the cross-entropy ignoring 255, over the whole batch where not said otherwise:
     L_sup = CE(g(x_l), y_l)      L_con = CE(g([x_l, S(x_u)]), t)      L_aux = CE(aux([x_l, S(x_u)]), p)
     L = w_sup * L_sup + w_con * (L_con + L_aux) / 2
-The auxiliary head is ĝ (--aux-head separate: a new last backbone stage of its own, half as wide,
-fed by the stage before) or g̃ (shared: a second head on the shared last stage). The teacher's
-main head is the model that evaluate.py and stage2_pseudolabel.py use.
+After every optimiser step the teacher moves toward the student: teacher = decay * teacher + (1 - decay) * student,
+over every weight and batch-norm statistic, with the decay 0.99, 0.995, 0.9975, 0.999 after 0, 1/3, 2/3, 5/6 of
+training. The auxiliary head is ĝ (--aux-head separate, paper stage 2: a new last backbone stage of its own, half
+as wide, fed by the stage before) or g̃ (shared, paper stage 3: a second head on the shared last stage). The
+teacher's main head is the model that evaluate.py and stage2_pseudolabel.py use.
 
-Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teacher; metrics.json
-also the auxiliary head's val mIoU). The same command again continues an interrupted run. The
-training flags below, the progress lines and the validation are stage 1's (this script takes
-them from stage1_train.py); the data, the losses and the step are its own.
+Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teacher and the paper's stage; metrics.json
+also the auxiliary head's val mIoU). The same command again continues an interrupted run, to the same weights as a
+run never stopped (on the CPU). The training flags below, the augmentation, the progress lines and the validation
+are stage 1's (this script takes them from stage1_train.py); the data, the losses, the teacher and the step are
+its own.
 """
 import argparse
+import copy
 import math
 import os
-import random
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel
 
 import common
-import stage1_train  # how a training run starts, steps and reports, as in stage 1
+import evaluate  # how the validation predicts
+import stage1_train  # how a training run starts, augments, steps and reports, as in stage 1
 
 DEFAULT_ITERS = 60_000  # the authors' length of each multi-task stage, on VOC and on Cityscapes
+PSEUDO_SCRIPT = "stage2_pseudolabel.py"
 
 
-def get_args(argv=None):
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     method = parser.add_argument_group("multi-task mean teacher")
     method.add_argument("--pseudo", help="the pseudo-masks of the previous round (stage2_pseudolabel.py's --out), "
@@ -50,47 +53,51 @@ def get_args(argv=None):
     method.add_argument("--batch-labeled", type=int, default=1,
                         help="labelled images a step, over all processes (default: %(default)s)")
     method.add_argument("--batch-unlabeled", type=int, default=9,
-                        help="images of the whole training set a step (default: %(default)s, the authors' 1 + 9 on VOC)")
-    method.add_argument("--w-sup", type=float, default=1.0, help="weight of L_sup (default: %(default)s; 0.5 on Cityscapes)")
-    method.add_argument("--w-con", type=float, default=0.5, help="weight of (L_con + L_aux) / 2 (default: %(default)s)")
+                        help="images of the whole training set a step (default: %(default)s, the authors' 1 + 9 "
+                             "on VOC)")
+    method.add_argument("--w-sup", type=float, default=1.0,
+                        help="weight of L_sup (default: %(default)s; 0.5 on Cityscapes)")
+    method.add_argument("--w-con", type=float, default=0.5,
+                        help="weight of (L_con + L_aux) / 2 (default: %(default)s)")
     method.add_argument("--ema-decay", type=float,
-                        help="a constant teacher decay (default: 0.99, 0.995, 0.9975, 0.999 after 0, 1/3, 2/3, 5/6 of training)")
-    method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) instead of "
-                                       "--weights; the auxiliary head and ĝ's stage start fresh")
+                        help="a constant teacher decay (default: 0.99, 0.995, 0.9975, 0.999 after 0, 1/3, 2/3, 5/6 of "
+                             "training)")
+    method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) instead "
+                                       "of --weights; the auxiliary head and ĝ's stage start fresh")
     stage1_train.add_training_args(parser, f"{DEFAULT_ITERS:,}, the authors'")
-    return parser, parser.parse_args(argv)
-
-
-def read_pseudo(folder):
-    """The record of a folder of pseudo-masks (stage2_pseudolabel.py's --out)."""
-    return common.read_record(folder, "--pseudo", "stage2_pseudolabel.py")
+    return parser
 
 
 def inputs(args):
-    """What the run's input folders hold, wherever they lie (a run folder may move): the checkpoint
-    its pseudo-masks were made from, and --init's checkpoint, by their SHA-256."""
+    """What the run's input folders hold, wherever they lie (a run folder may move): the checkpoint its
+    pseudo-masks were made from, and --init's checkpoint, by their SHA-256."""
     init = os.path.join(args.init, "checkpoint.pt") if args.init and os.path.isdir(args.init) else args.init
-    return {"pseudo": read_pseudo(args.pseudo)["recipe"]["checkpoint"],
+    return {"pseudo": common.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["checkpoint"],
             "init": "sha256:" + common.file_sha256(init)[:16] if init and os.path.isfile(init) else args.init}
 
 
 def pseudo_split(folder, record, description):
-    """The split the pseudo-masks were made for, checked against the data this run trains on: the
-    same dataset, and a finished pseudo-mask for every training image."""
+    """The split the pseudo-masks were made for, checked against the data this run trains on: the same dataset,
+    and a finished pseudo-mask for every training image."""
     if os.path.realpath(description.root) != record["recipe"]["data_root"]:
         raise common.UserError(f"--pseudo {folder} was made on the data in {record['recipe']['data_root']}, not on "
-                               f"--data-root {description.root}; make pseudo-masks of this data with stage2_pseudolabel.py")
+                               f"--data-root {description.root}; make pseudo-masks of this data with {PSEUDO_SCRIPT}")
     labeled, unlabeled = (common.read_lines(os.path.join(folder, f"{name}.txt")) for name in ["labeled", "unlabeled"])
-    missing = [i for i in labeled + unlabeled if not os.path.exists(os.path.join(folder, f"{i}.png"))]
+    missing = [i for i in labeled + unlabeled if not os.path.exists(pseudo_mask(folder, i))]
     if missing or not os.path.exists(os.path.join(folder, "stats.json")):
-        raise common.UserError(f"--pseudo {folder} is unfinished ({len(missing)} of {len(labeled + unlabeled)} pseudo-masks "
-                               "missing); run the stage2_pseudolabel.py command that made it again to finish it")
+        raise common.UserError(f"--pseudo {folder} is unfinished ({len(missing)} of {len(labeled + unlabeled)} "
+                               f"pseudo-masks missing); run the {PSEUDO_SCRIPT} command that made it again to "
+                               "finish it")
     return sorted(labeled), sorted(unlabeled)
 
 
+def pseudo_mask(folder, image_id):
+    return os.path.join(folder, "masks", f"{image_id}.png")
+
+
 def load_init(student, path, backbone, num_classes):
-    """Start from another checkpoint's weights (its mean teacher's, where it has one). The
-    auxiliary head and ĝ's own stage start fresh, as they do from ImageNet weights."""
+    """Start from another checkpoint's weights (its mean teacher's, where it has one). The auxiliary head and ĝ's
+    own stage start fresh, as they do from ImageNet weights."""
     checkpoint, path = common.load_checkpoint(path, "--init")
     new = ("aux_head.", "aux_last_stage.")
     weights = {k: v for k, v in checkpoint.get("teacher", checkpoint["model"]).items() if not k.startswith(new)}
@@ -99,37 +106,42 @@ def load_init(student, path, backbone, num_classes):
     except RuntimeError:
         missing, unexpected = ["(shapes differ)"], []
     if unexpected or any(not key.startswith(new) for key in missing):
-        raise common.UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of {len(checkpoint['class_names'])} "
-                               f"classes; this run is a {backbone} model of {num_classes} classes")
+        raise common.UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of "
+                               f"{len(checkpoint['class_names'])} classes; this run is a {backbone} model of "
+                               f"{num_classes} classes")
+
+
+# ============================================================================= the mean teacher
+
+def make_teacher(student):
+    """The mean teacher: a copy of the student that no optimiser touches, and the update that moves it toward the
+    student, teacher = decay * teacher + (1 - decay) * student, over every weight and batch-norm statistic (the
+    integer counters of batch norm are copied). The tensor lists are made once: the update is two operations."""
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    pairs = list(zip(teacher.state_dict().values(), student.state_dict().values()))  # tensors sharing the weights
+    teacher_floats, student_floats = ([pair[i] for pair in pairs if pair[0].is_floating_point()] for i in (0, 1))
+    teacher_counts, student_counts = ([pair[i] for pair in pairs if not pair[0].is_floating_point()] for i in (0, 1))
+
+    @torch.no_grad()
+    def update_teacher(decay):
+        torch._foreach_lerp_(teacher_floats, student_floats, 1 - decay)  # t + (1 - decay) * (s - t)
+        if teacher_counts:
+            torch._foreach_copy_(teacher_counts, student_counts)
+    return teacher, update_teacher
 
 
 def ema_decay(step, iters, constant=None):
-    """METHOD.md's schedule by share of training done, unless a constant decay is given."""
+    """The authors' teacher decay by share of training done, unless a constant decay is given."""
     if constant is not None:
         return constant
     done = step / iters
     return 0.99 if done < 1 / 3 else 0.995 if done < 2 / 3 else 0.9975 if done < 5 / 6 else 0.999
 
 
-def make_teacher(student, decay):
-    """The EMA teacher: torch's AveragedModel over weights and BN buffers; decay is a one-item list
-    read at each update, so the schedule can change it. Integer buffers (BN's counters) are copied.
-    The teacher needs no gradients (and so no optimiser state)."""
-    def average(teacher_tensors, student_tensors, n_averaged):
-        if teacher_tensors[0].is_floating_point():
-            torch._foreach_lerp_(teacher_tensors, student_tensors, 1 - decay[0])  # one fused update per dtype
-        else:
-            for t, s in zip(teacher_tensors, student_tensors):
-                t.copy_(s)
-    teacher = AveragedModel(student, multi_avg_fn=average, use_buffers=True)
-    teacher.requires_grad_(False)
-    teacher.update_parameters(student)  # the first update copies: the teacher starts as the student
-    return teacher.eval()
-
+# ============================================================================= data
 
 class LabeledWithPseudo(torch.utils.data.Dataset):
-    """Labelled images with their true mask and their own pseudo-mask, under one weak view:
-    (x_l, y_l, p_l, index)."""
+    """Labelled images with their true mask and their own pseudo-mask, under one weak view: (x_l, y_l, p_l, index)."""
 
     def __init__(self, images, pseudo_dir, weak):
         self.images, self.pseudo_dir, self.weak = images, pseudo_dir, weak
@@ -139,10 +151,11 @@ class LabeledWithPseudo(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, mask = self.images.load(index)
-        pseudo = common.read_mask(os.path.join(self.pseudo_dir, f"{self.images.ids[index]}.png"),
+        pseudo = common.read_mask(pseudo_mask(self.pseudo_dir, self.images.ids[index]),
                                   len(self.images.description.class_names), image.shape[-2:])
         image, mask, pseudo = self.weak(image, mask, pseudo)
-        return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long(), pseudo.as_subclass(torch.Tensor).long(), index
+        return (image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long(),
+                pseudo.as_subclass(torch.Tensor).long(), index)
 
 
 class StrongViewDataset(torch.utils.data.Dataset):
@@ -156,17 +169,19 @@ class StrongViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, pseudo = self.weak(*self.images.load(index))
-        strong, source = common.strong_augment(image)
-        return (image.as_subclass(torch.Tensor), strong.as_subclass(torch.Tensor), common.warp(pseudo, source).long(),
-                source, index)
+        strong, source = stage1_train.strong_augment(image)
+        return (image.as_subclass(torch.Tensor), strong.as_subclass(torch.Tensor),
+                stage1_train.warp(pseudo, source).long(), source, index)
 
+
+# ============================================================================= the step
 
 def losses(student, teacher, labeled_batch, unlabeled_batch, w_sup, w_con, amp):
     """L_sup, L_con, L_aux and the total L of one step, as the authors' step computes them.
 
-    labeled_batch: (x_l, y_l, p_l); unlabeled_batch: (x_weak, x_strong, p_strong, source). A term
-    whose weight is 0 is not computed: with w_con = 0 neither the teacher nor the auxiliary head
-    runs, and the student sees x_l alone; with w_sup = 0 the true masks y_l play no part."""
+    labeled_batch: (x_l, y_l, p_l); unlabeled_batch: (x_weak, x_strong, p_strong, source). A term whose weight is 0
+    is not computed: with w_con = 0 neither the teacher nor the auxiliary head runs, and the student sees x_l
+    alone; with w_sup = 0 the true masks y_l play no part."""
     x_l, y_l, p_l = labeled_batch
     x_weak, x_strong, p_strong, source = unlabeled_batch
     n_l = len(x_l)
@@ -179,7 +194,7 @@ def losses(student, teacher, labeled_batch, unlabeled_batch, w_sup, w_con, amp):
     with torch.no_grad(), common.autocast(x_l.device, amp):
         teacher_argmax = teacher(torch.cat([x_l, x_weak])).argmax(1)
     # The teacher saw the weak views: its argmax on x_u is moved the way S moved the student's view.
-    target = torch.cat([teacher_argmax[:n_l], common.warp(teacher_argmax[n_l:], source)])
+    target = torch.cat([teacher_argmax[:n_l], stage1_train.warp(teacher_argmax[n_l:], source)])
     with common.autocast(x_l.device, amp):
         main, aux = student(torch.cat([x_l, x_strong]), with_aux=True)  # one forward: BN sees the whole batch
     main, aux = main.float(), aux.float()
@@ -192,107 +207,105 @@ def losses(student, teacher, labeled_batch, unlabeled_batch, w_sup, w_con, amp):
     return terms
 
 
-def train_one_step(student, teacher, labeled_batch, unlabeled_batch, optimizer, scheduler, decay, args):
-    """One optimiser step and the teacher's EMA update; the losses stay on the device."""
+def train_one_step(student, teacher, update_teacher, labeled_batch, unlabeled_batch, optimizer, scheduler, args):
+    """One optimiser step of the student, then the teacher's EMA update; returns the losses (on the device) and the
+    decay used."""
     student.train()
     terms = losses(student, teacher, labeled_batch, unlabeled_batch, args.w_sup, args.w_con, args.amp)
     optimizer.zero_grad(set_to_none=True)
     terms["L"].backward()
     optimizer.step()
     scheduler.step()
-    decay[0] = ema_decay(scheduler.last_epoch, args.iters, args.ema_decay)  # last_epoch: the steps done
-    model = getattr(student, "_orig_mod", student)  # the model inside torch.compile's and DDP's wrappers
-    teacher.update_parameters(getattr(model, "module", model))
-    return terms
+    decay = ema_decay(scheduler.last_epoch, args.iters, args.ema_decay)  # last_epoch: the steps done
+    update_teacher(decay)
+    return terms, decay
 
 
 def main(argv=None):
-    parser, args = get_args(argv)
-    if args.pseudo is None and not args.resume:
-        raise common.UserError("give --pseudo DIR, the pseudo-masks of the previous round (stage2_pseudolabel.py's --out)")
-    if min(args.batch_labeled, args.batch_unlabeled) < 1 or args.w_sup < 0 or args.w_con < 0 or not 0 <= (args.ema_decay or 0) < 1:
-        raise common.UserError("--batch-labeled and --batch-unlabeled must be at least 1, --w-sup and --w-con at least 0, "
-                               "--ema-decay in [0, 1)")
-    if args.pseudo and args.data_root is None:  # the data the pseudo-masks were made on
-        args.data_root = read_pseudo(args.pseudo)["recipe"]["data_root"]
-    run = stage1_train.start_run(parser, args, argv, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
+    args = stage1_train.parse_args(get_args_parser(), argv, "stage3_multitask.py")
+    if args.pseudo is None:
+        raise common.UserError(f"give --pseudo DIR, the pseudo-masks of the previous round ({PSEUDO_SCRIPT}'s --out)")
+    if not (args.ema_decay or 0) < 1 or not args.w_sup + args.w_con > 0:
+        raise common.UserError("--ema-decay must be below 1, and --w-sup and --w-con not both 0")
+    if args.data_root is None:  # the data the pseudo-masks were made on
+        args.data_root = common.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["data_root"]
+    run = stage1_train.start_run(args, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
     if run is None:
         return
     args, description, device, checkpoint = run
-    if args.backbone != "tiny_unet" and args.batch_labeled + (args.batch_unlabeled if args.w_con else 0) < 2 * args.world_size:
-        raise common.UserError("DeepLabv3's image pooling normalises over the batch: give each process at least 2 images "
-                               "a step (--batch-labeled + --batch-unlabeled)")
+    n_images = args.batch_labeled + (args.batch_unlabeled if args.w_con else 0)
+    if args.backbone != "tiny_unet" and n_images < 2 * args.world_size:
+        raise common.UserError("DeepLabv3's image pooling normalises over the batch: give each process at least 2 "
+                               "images a step (--batch-labeled + --batch-unlabeled)")
     torch.manual_seed(args.seed)
-    random.seed(args.seed + args.rank)
-    pseudo = read_pseudo(args.pseudo)
+    pseudo = common.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)
     labeled, unlabeled = pseudo_split(args.pseudo, pseudo, description)
     stage1_train.write_split(args.out, description, labeled, unlabeled)
     everything = sorted(labeled + unlabeled)  # the unlabelled stream: the whole training set
     if args.iters is None:
         args.iters = math.ceil(args.epochs * len(everything) / args.batch_unlabeled) if args.epochs else DEFAULT_ITERS
-    print(f"pseudo-masks of {pseudo['checkpoint']} (step {pseudo['step']}); {args.iters} steps of {args.batch_labeled} + "
-          f"{args.batch_unlabeled} on {device}" + (f" ({args.world_size} processes)" if args.distributed else "") +
-          f", auxiliary head: {args.aux_head}")
+    paper_stage = 2 if args.aux_head == "separate" else 3
+    print(f"the paper's stage {paper_stage} (auxiliary head: {args.aux_head}), on the pseudo-masks of "
+          f"{pseudo['checkpoint']} (step {pseudo['step']}); {args.iters} steps of {args.batch_labeled} + "
+          f"{args.batch_unlabeled} on {device}" + (f" ({args.world_size} processes)" if args.distributed else ""))
 
     class_names = description.class_names
-    student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights, aux_head=args.aux_head)
+    student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights,
+                                 aux_head=args.aux_head)
     if args.init and checkpoint is None:
         load_init(student, args.init, args.backbone, len(class_names))
     optimizer, scheduler = stage1_train.make_optimizer(student, args)
+    student = stage1_train.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head
+    teacher, update_teacher = make_teacher(stage1_train.unwrapped(student))
     step = 0
     if checkpoint is not None:
-        student.load_state_dict(checkpoint["model"])
+        stage1_train.restore(checkpoint, os.path.join(args.out, "checkpoint.pt"),
+                             {"model": stage1_train.unwrapped(student), "teacher": teacher}, optimizer, scheduler)
         step = checkpoint["step"]
-    net = stage1_train.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head then
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    decay = [ema_decay(step, args.iters, args.ema_decay)]
-    teacher = make_teacher(student, decay)
-    if checkpoint is not None:
-        teacher.module.load_state_dict(checkpoint["teacher"])
-    teacher_net = torch.compile(teacher) if args.compile else teacher
+    teacher = torch.compile(teacher) if args.compile else teacher
 
-    weak = common.weak_augment((args.crop_size * 2)[:2], [args.image_scale * s for s in args.scale_range])
-    pseudo_files = {i: os.path.join(args.pseudo, f"{i}.png") for i in everything}
+    weak = stage1_train.weak_augment((args.crop_size * 2)[:2], [args.image_scale * s for s in args.scale_range])
+    pseudo_files = {i: pseudo_mask(args.pseudo, i) for i in everything}
     labeled_set = LabeledWithPseudo(common.SegmentationDataset(description, labeled), args.pseudo, weak)
     pseudo_set = StrongViewDataset(common.SegmentationDataset(description, everything, masks=pseudo_files), weak)
-    labeled_batches = stage1_train.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step, args.rank,
-                                                args.world_size)
+    labeled_batches = stage1_train.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step,
+                                                args.rank, args.world_size)
     unlabeled_batches = stage1_train.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step,
                                                   args.rank, args.world_size)
-    val_loader = common.full_image_loader(common.SegmentationDataset(description, description.val_ids), 8, args.workers,
-                                          args.rank, args.world_size, args.image_scale)
+    val_loader = evaluate.full_image_loader(common.SegmentationDataset(description, description.val_ids), 8,
+                                            args.workers, args.rank, args.world_size, args.image_scale)
 
     def validate():
         """The teacher's main head and auxiliary head on val."""
-        return [stage1_train.val_confusion(teacher.module, val_loader, device, len(class_names), args.image_scale, args.amp,
-                                           head) for head in (0, 1)]
+        return [stage1_train.val_confusion(stage1_train.unwrapped(teacher), val_loader, device, len(class_names),
+                                           args.image_scale, args.amp, head) for head in (0, 1)]
 
     progress = stage1_train.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:
         x_l, y_l, p_l, _ = next(labeled_batches)
         x_weak, x_strong, p_strong, source, _ = next(unlabeled_batches)
-        x_l, x_weak, x_strong = (common.images_to_device(x, device, args.channels_last) for x in (x_l, x_weak, x_strong))
+        x_l, x_weak, x_strong = (common.images_to_device(x, device, args.channels_last)
+                                 for x in (x_l, x_weak, x_strong))
         # non_blocking: a blocking copy to the GPU would first wait for all the work queued there
         y_l, p_l, p_strong, source = (t.to(device, non_blocking=True) for t in (y_l, p_l, p_strong, source))
-        terms = train_one_step(net, teacher_net, (x_l, y_l, p_l), (x_weak, x_strong, p_strong, source), optimizer, scheduler,
-                               decay, args)
+        terms, decay = train_one_step(student, teacher, update_teacher, (x_l, y_l, p_l),
+                                      (x_weak, x_strong, p_strong, source), optimizer, scheduler, args)
         step += 1
-        progress.update(step, terms, scheduler.get_last_lr()[0], ema=decay[0])
+        progress.update(step, terms, scheduler.get_last_lr()[0], ema=decay)
         if (step % args.save_every == 0 or step == args.iters) and common.is_main_process():
             stage1_train.check_finite(terms, step)  # never save weights that have become NaN
-            common.atomic_write(os.path.join(args.out, "checkpoint.pt"), lambda tmp: torch.save({
-                "model": student.state_dict(), "teacher": teacher.module.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "args": vars(args), "labeled": labeled,
-                "unlabeled": unlabeled, "class_names": class_names, "palette": description.palette, "stage": 3}, tmp))
+            stage1_train.save_checkpoint(
+                args.out, step, model=stage1_train.unwrapped(student).state_dict(),
+                teacher=stage1_train.unwrapped(teacher).state_dict(), optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), args=vars(args), labeled=labeled, unlabeled=unlabeled,
+                class_names=class_names, palette=description.palette, stage=paper_stage)
         if args.eval_every and step % args.eval_every == 0 and step < args.iters:
             main_head, aux_head = validate()
             print(f"step {step}: teacher val mIoU {main_head.miou():.2f} (auxiliary head {aux_head.miou():.2f})")
             progress.log({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
 
     main_head, aux_head = validate()
-    print(f"teacher's main head, val IoU after {step} steps:\n{main_head.table(class_names)}")
+    print(f"teacher's main head, val IoU after {step} steps:\n{evaluate.iou_table(main_head, class_names)}")
     print(f"teacher's auxiliary head ({args.aux_head}): val mIoU {aux_head.miou():.2f}")
     progress.log({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
     if common.is_main_process():

@@ -61,7 +61,7 @@ def test_an_unknown_raw_id_is_named(cityscapes_root):
     raw = cityscapes_raw_mask(0)
     raw[0, 0] = 77
     Image.fromarray(raw, mode="L").save(description.masks[TRAIN[0]])
-    with pytest.raises(common.UserError, match="has label id 77"):
+    with pytest.raises(common.UserError, match="has the value 77, which is no class's"):
         common.SegmentationDataset(description, [TRAIN[0]])[0]
 
 
@@ -70,7 +70,7 @@ def test_labeled_draws_from_the_train_images_only(cityscapes_root):
     for seed in range(5):
         labeled, unlabeled = make_split(description, 4, seed=seed)
         assert len(labeled) == 4 and sorted(labeled + unlabeled) == TRAIN
-    with pytest.raises(common.UserError, match="draws from 9 images"):
+    with pytest.raises(common.UserError, match="draws from the 9 training images with a mask"):
         make_split(description, 10)
 
 
@@ -127,13 +127,13 @@ def test_every_script_runs_on_cityscapes(cityscapes_root, tmp_path):
     s1, p1, s2 = (str(tmp_path / name) for name in ["stage1", "pseudo1", "stage2"])
     result = run_script("stage1_train.py", "--data-root", cityscapes_root, "--labeled", 4, *TINY, "--batch-size", 2,
                         "--iters", 2, "--out", s1)
-    assert result.stdout.startswith(f"cityscapes data in {cityscapes_root}: 9 training images (9 with a mask), 3 val images, "
+    assert result.stdout.startswith(f"cityscapes data in {cityscapes_root}: 9 training images (9 with a mask, 0 without), 3 val images, "
                                     "19 classes")
     assert "this run: 4 labelled and 5 unlabelled training images" in result.stdout
     result = run_script("stage2_pseudolabel.py", "--checkpoint", os.path.join(s1, "checkpoint.pt"), "--out", p1, "--workers", 0)
     assert "ego vehicle: 6.2% of each image, from 4 labelled masks" in result.stdout
     for image_id in TRAIN:  # flat: ids are unique without the city folder; at the image's own size
-        png = Image.open(os.path.join(p1, f"{image_id}.png"))
+        png = Image.open(os.path.join(p1, "masks", f"{image_id}.png"))
         assert png.size == CS_SIZE[::-1] and png.getpalette()[:3] == [128, 64, 128]
         assert (np.array(png)[-4:, 12:36] == 255).all()  # the ego vehicle is left out of every pseudo-mask
     run_script("stage3_multitask.py", *TINY, "--batch-labeled", 1,
@@ -162,7 +162,7 @@ class PerPixel(nn.Module):
 def test_sliding_window_agrees_with_the_whole_image_on_a_per_pixel_model(window, stride):
     torch.manual_seed(0)
     model, images = PerPixel().eval(), torch.randn(2, 3, *CS_SIZE)
-    whole = common.predict(model, images)
+    whole = evaluate.image_probs(model, images)
     tiled = evaluate.window_probs(model, images, argparse.Namespace(window=window, stride=stride, amp=False), 1.0)
     assert torch.allclose(whole, tiled, atol=1e-6)
     assert evaluate.window_starts(32, 8, 4)[-1] == 24 and evaluate.window_starts(48, 20, 20) == [0, 20, 28]

@@ -48,8 +48,8 @@ def test_pseudo_labels_with_two_processes_are_those_of_one(two_process_run):
     torchrun("stage2_pseudolabel.py", "--checkpoint", checkpoint, "--out", base / "two", "--workers", 0, "--device", "cpu")
     run_script("stage2_pseudolabel.py", "--checkpoint", checkpoint, "--out", base / "one", "--workers", 0, "--device", "cpu")
     for image_id in TRAIN_IDS:
-        assert np.array_equal(np.array(Image.open(base / "two" / f"{image_id}.png")),
-                              np.array(Image.open(base / "one" / f"{image_id}.png")))
+        assert np.array_equal(np.array(Image.open(base / "two" / "masks" / f"{image_id}.png")),
+                              np.array(Image.open(base / "one" / "masks" / f"{image_id}.png")))
     two, one = (json.load(open(base / name / "stats.json")) for name in ["two", "one"])
     assert two["unlabeled"]["miou"] == pytest.approx(one["unlabeled"]["miou"])
 

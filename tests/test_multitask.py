@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import stage1_train
 import stage3_multitask
 from conftest import TINY_TRAIN, TRAIN_IDS, assert_user_error, run_script
 
@@ -83,7 +84,7 @@ def test_missing_pseudo_masks_are_counted_and_a_folder_of_pngs_is_not_taken(pseu
     voc_root, pseudo, _ = pseudo_dir
     partial = shutil.copytree(pseudo, tmp_path / "partial")
     for image_id in TRAIN_IDS[:3]:
-        os.remove(partial / f"{image_id}.png")
+        os.remove(partial / "masks" / f"{image_id}.png")
     result = run_script("stage3_multitask.py", "--pseudo", partial, *TINY_MULTITASK, "--out", tmp_path / "stage", check=False)
     assert_user_error(result, f"is unfinished (3 of {len(TRAIN_IDS)} pseudo-masks missing)", "stage2_pseudolabel.py")
     assert not os.path.exists(tmp_path / "stage" / "checkpoint.pt")
@@ -111,7 +112,7 @@ def make_batch(seed, n_l=2, n_u=3, size=16, classes=3):
 def make_pair(aux_head="shared"):
     torch.manual_seed(0)
     student = common.build_model("tiny_unet", 3, weights="none", aux_head=aux_head).train()
-    return student, stage3_multitask.make_teacher(student, [0.99])
+    return student, stage3_multitask.make_teacher(student)[0]
 
 
 def gradients(student):
@@ -127,7 +128,7 @@ def test_loss_terms_are_those_of_the_authors_step(aux_head):
     terms = stage3_multitask.losses(student, teacher, labeled, unlabeled, 1.0, 0.5, False)
     (x_l, y_l, p_l), (x_weak, x_strong, p_strong, source) = labeled, unlabeled
     with torch.no_grad():
-        t = teacher.module.eval()(torch.cat([x_l, x_weak])).argmax(1)
+        t = teacher.eval()(torch.cat([x_l, x_weak])).argmax(1)
         t_u = t[2:].flatten(1).gather(1, source.clamp(min=0).flatten(1)).view_as(source)
         t_u[source < 0] = 255  # what came from outside the weak view has no target
         target = torch.cat([t[:2], t_u])
@@ -164,17 +165,17 @@ def test_w_sup_zero_the_true_masks_play_no_part():
 
 
 def test_ema_update_matches_its_formula():
-    student, teacher = make_pair()
-    decay = [0.9]
-    teacher = stage3_multitask.make_teacher(student, decay)
-    before = {k: v.clone() for k, v in teacher.module.state_dict().items()}
+    student, _ = make_pair()
+    teacher, update_teacher = stage3_multitask.make_teacher(student)
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # starts as a copy
     with torch.no_grad():
         for p in student.parameters():
             p.add_(torch.randn_like(p))
     student(torch.randn(2, 3, 16, 16))  # moves the BN running statistics too
-    teacher.update_parameters(student)
-    after = teacher.module.state_dict()
+    update_teacher(0.9)
+    after = teacher.state_dict()
     for key, value in student.state_dict().items():
         if value.is_floating_point():
             assert torch.allclose(after[key], 0.9 * before[key] + 0.1 * value, atol=1e-6), key
@@ -197,29 +198,29 @@ def colour_classes(image):
 def test_strong_augment_geometry_moves_the_targets_exactly(monkeypatch):
     """With geometric operations only: the teacher's prediction on the weak view, carried through
     the warp, is exactly its own prediction on the strong view wherever the target is not 255."""
-    monkeypatch.setattr(common, "STRONG_OPERATIONS", ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"])
-    monkeypatch.setattr(common.random, "random", lambda: 0.0)  # every drawn operation applied
+    monkeypatch.setattr(stage1_train, "STRONG_OPERATIONS", ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"])
+    monkeypatch.setattr(stage1_train.random, "random", lambda: 0.0)  # every drawn operation applied
     common.random.seed(0)
     moved_somewhere = 0
     for trial in range(20):
         image = common.tv_tensors.Image(torch.randint(0, 256, (3, 41, 53), dtype=torch.uint8))
-        strong, source = common.strong_augment(image, cutouts=0)
-        warped = common.warp(colour_classes(image), source)
+        strong, source = stage1_train.strong_augment(image, cutouts=0)
+        warped = stage1_train.warp(colour_classes(image), source)
         kept = warped != common.IGNORE
         assert torch.equal(warped[kept], colour_classes(strong)[kept])
-        assert (strong[:, ~kept] == common.GREY).all()  # from outside the image: grey, and no target
+        assert (strong[:, ~kept] == stage1_train.GREY).all()  # from outside the image: grey, and no target
         moved_somewhere += int(not torch.equal(source, torch.arange(41 * 53).view(41, 53)))
     assert moved_somewhere >= 18
 
 
 def test_strong_augment_draws_three_of_the_fourteen_operations_and_cutout():
-    assert len(common.STRONG_OPERATIONS) == 14
+    assert len(stage1_train.STRONG_OPERATIONS) == 14
     common.random.seed(1)
     image = common.tv_tensors.Image(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8))
-    outputs = [common.strong_augment(image) for _ in range(30)]
+    outputs = [stage1_train.strong_augment(image) for _ in range(30)]
     assert all(o.shape == image.shape and o.dtype == torch.uint8 for o, _ in outputs)
     assert all(s.shape == (64, 64) and s.dtype == torch.int64 for _, s in outputs)
-    assert all((o == common.GREY).all(0).sum() >= 32 for o, _ in outputs)  # Cutout: 3 grey squares of 6x6 here
+    assert all((o == stage1_train.GREY).all(0).sum() >= 32 for o, _ in outputs)  # Cutout: 3 grey squares of 6x6 here
     assert any(torch.equal(s, torch.arange(64 * 64).view(64, 64)) for _, s in outputs)  # photometric only, sometimes
     assert any(not torch.equal(s, torch.arange(64 * 64).view(64, 64)) for _, s in outputs)
 
@@ -227,13 +228,13 @@ def test_strong_augment_draws_three_of_the_fourteen_operations_and_cutout():
 def test_strong_view_dataset_moves_the_mask_with_the_image(voc_template):
     # The true masks stand in for pseudo-masks here: they have several classes and a 255 border.
     images = common.SegmentationDataset(common.describe_dataset(voc_template), TRAIN_IDS)
-    dataset = stage3_multitask.StrongViewDataset(images, common.weak_augment((24, 24), (1.0, 1.0)))
+    dataset = stage3_multitask.StrongViewDataset(images, stage1_train.weak_augment((24, 24), (1.0, 1.0)))
     for index in range(len(TRAIN_IDS)):
         common.random.seed(index)
         torch.manual_seed(index)
         x_weak, x_strong, p_strong, source, _ = dataset[index]
         common.random.seed(index)
         torch.manual_seed(index)
-        _, p_weak = common.weak_augment((24, 24), (1.0, 1.0))(*images.load(index))
+        _, p_weak = stage1_train.weak_augment((24, 24), (1.0, 1.0))(*images.load(index))
         assert len(p_weak.unique()) > 2
-        assert torch.equal(p_strong, common.warp(p_weak.long(), source))
+        assert torch.equal(p_strong, stage1_train.warp(p_weak.long(), source))

@@ -71,7 +71,8 @@ def test_the_layout_is_recognised(own_root):
     assert d.val_ids == common.describe_dataset(own_root).val_ids  # the same every time
     assert sorted(d.train_ids) == sorted(set(ids) - set(d.val_ids)) and sorted(d.pool) == sorted(set(masked) - set(d.val_ids))
     assert d.notes == ["masks: 6 of the 10 images have one; the others are unlabelled",
-                       "val: 1 of the 6 masked images, a seeded fifth (no val.txt)"]
+                       "val: 1 of the 6 masked images, a seeded fifth (no val.txt)",
+                       f"classes: from {own_root}/classes.txt"]
 
 
 def test_val_txt_chooses_the_val_images(own_root):
@@ -84,7 +85,7 @@ def test_val_txt_chooses_the_val_images(own_root):
         common.describe_dataset(own_root)
     with open(os.path.join(own_root, "val.txt"), "w") as f:
         f.write("img0\n")  # a typo
-    with pytest.raises(common.UserError, match="val.txt lists img0, which is no image in images/"):
+    with pytest.raises(common.UserError, match="val.txt lists img0, which is no image of the dataset"):
         common.describe_dataset(own_root)
 
 
@@ -118,19 +119,22 @@ def test_binary_masks_are_background_and_foreground_and_said_so(tmp_path, form):
     _, mask, _ = common.SegmentationDataset(d, [ids[0]])[0]
     assert np.array_equal(mask.numpy(), (labels(0) == 1).astype(np.int64))  # 255 is the object, not "ignore"
     result = run_script("stage1_train.py", "--data-root", root, "--labeled", 2, *TINY_TRAIN, "--out", tmp_path / "run")
-    assert ("masks: only the values 0 and 255, with two classes: read as background (0) and foreground (255)"
-            in result.stdout.splitlines()[:4])
+    assert ("masks: only 0 and 255 with two classes; 255 is the second class, not ignore"
+            in result.stdout.splitlines()[:5])
 
 
 def test_the_start_of_a_run_says_what_the_data_holds(own_root, tmp_path):
     out = tmp_path / "run"
     result = run_script("stage1_train.py", "--data-root", own_root, "--labeled", 2, *TINY_TRAIN, "--split-seed", 1, "--out", out)
     lines = result.stdout.splitlines()
-    assert lines[0] == f"folder data in {own_root}: 9 training images (5 with a mask), 1 val images, 3 classes"
-    assert lines[1:3] == ["masks: 6 of the 10 images have one; the others are unlabelled",
-                          "val: 1 of the 6 masked images, a seeded fifth (no val.txt)"]
-    assert lines[3].startswith("this run: 2 labelled and 7 unlabelled training images; the classes' pixel shares in "
-                               "the labelled masks: background ") and "cat " in lines[3]
+    assert lines[0] == (f"folder data in {own_root}: 9 training images (5 with a mask, 4 without), 1 val images, "
+                        "3 classes")
+    assert lines[1:4] == ["masks: 6 of the 10 images have one; the others are unlabelled",
+                          "val: 1 of the 6 masked images, a seeded fifth (no val.txt)",
+                          f"classes: from {own_root}/classes.txt"]
+    assert lines[4] == "this run: 2 labelled and 7 unlabelled training images"
+    assert lines[5].startswith("pixels of the 2 labelled masks: background ") and "cat " in lines[5]
+    assert lines[6].startswith("pixels of the 1 val masks: background ") and "ignored (255): 0.0%" in lines[6]
     # The val images used are written to the run's folder.
     assert (out / "val.txt").read_text().split() == common.describe_dataset(own_root).val_ids
 
@@ -151,7 +155,8 @@ def test_the_split_flags_work_on_it(own_root, tmp_path):
     labeled, unlabeled = stage1_train.make_split(d, args)
     assert labeled == labelled and sorted(labeled + unlabeled) == d.train_ids
     args = argparse.Namespace(labeled=6, protocol="classic", split_seed=0, labeled_list=None, unlabeled_list=None)
-    with pytest.raises(common.UserError, match="--labeled 6: the classic protocol draws from 5 images"):
+    with pytest.raises(common.UserError, match="--labeled 6: the classic protocol draws from the 5 training images "
+                                               "with a mask"):
         stage1_train.make_split(d, args)
 
 
@@ -164,10 +169,11 @@ def write(path, array):
     ("a value that is no class", "has the value 7, neither a class (0-2) nor 255 (ignore)"),
     ("an unknown colour", "has the colour 1 2 3, no class's in classes.txt"),
     ("a colour mask without colours", "is a colour image; give every class its colour in classes.txt"),
-    ("a mask without an image", "masks/ghost.png: a mask must be masks/<id>.png for an image"),
-    ("a JPEG mask", "masks/img04.jpg: a mask must be masks/<id>.png"),
+    ("a mask without an image", "masks/ghost.png: a mask must be masks/<id>.png (or <id>_mask.png) for an image"),
+    ("a JPEG mask", "masks/img04.jpg is a JPEG, which changes a mask's values at edges; save the masks as PNG, or "
+                    "let prepare_data.py"),
     ("two images with one id", "have the same id img00"),
-    ("no classes.txt", "classes.txt not found"),
+    ("no classes.txt", "has no class list and its masks hold the values 0, 1, 2; name the classes in classes.txt"),
     ("a colour for some classes only", "give every class a colour of its own"),
 ])
 def test_refusals_name_the_file_and_what_is_wrong(tmp_path, damage, fragment):
@@ -206,7 +212,7 @@ def test_every_script_runs_on_it_with_png_images(tmp_path):
     run_script("stage2_pseudolabel.py", "--checkpoint", tmp_path / "s1", "--out", tmp_path / "p1", "--workers", 0)
     train_ids = common.describe_dataset(root).train_ids
     for image_id in train_ids:  # nested ids keep their folders
-        assert Image.open(tmp_path / "p1" / f"{image_id}.png").size == (24, 20)
+        assert Image.open(tmp_path / "p1" / "masks" / f"{image_id}.png").size == (24, 20)
     stats = json.load(open(tmp_path / "p1" / "stats.json"))
     assert stats["unlabeled"]["images"] == 7 and stats["unlabeled"]["images_with_truth"] == 3  # 4 have no mask
     run_script("stage3_multitask.py", "--pseudo", tmp_path / "p1", "--backbone", "tiny_unet", "--no-pretrained",

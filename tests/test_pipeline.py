@@ -78,7 +78,8 @@ def test_a_rerun_skips_what_is_finished_and_continues_what_was_interrupted(finis
     for step in ["stage1", "stage2"]:
         assert f"{os.path.join(out, step)} holds this run, finished (metrics.json): nothing to do" in stdout
     assert f"continuing the run in {os.path.join(out, 'stage3')} from step 2" in stdout
-    assert "12 training images, 12 already done" in stdout
+    for step in ["pseudo1", "pseudo2", "pseudo3"]:  # finished, and left exactly as they are
+        assert f"{os.path.join(out, step)} holds these pseudo-masks, finished (stats.json): nothing to do" in stdout
 
 
 def test_a_step_made_another_way_stops_the_rerun_and_is_not_overwritten(finished, tmp_path):
@@ -108,7 +109,8 @@ def test_the_chain_runs_on_your_own_data(tmp_path):
     subprocess.run(["python", "make_demo_data.py", "--layout", "folder", "--out", data, "--train", "12", "--train-txt", "6",
                     "--val", "3", "--size", "24"], cwd=ROOT, check=True, capture_output=True)
     result = pipeline(data, str(tmp_path / "run"), stage1_extra="--batch-size 2")
-    assert result.stdout.splitlines()[1].startswith(f"folder data in {data}: 12 training images (6 with a mask), 3 val images")
+    assert result.stdout.splitlines()[1].startswith(f"folder data in {data}: 12 training images (6 with a mask, 6 without), "
+                                                    "3 val images")
     assert json.load(open(tmp_path / "run" / "summary.json"))["compare"]["stage1"]["miou"] >= 0
 
 

@@ -36,12 +36,15 @@ def test_writes_a_palette_png_of_class_indices_per_training_image(trained, tmp_p
     pseudolabel(checkpoint, out, "--save-confidence")
     preview = Image.open(os.path.join(out, "preview.png"))
     saved, _ = common.load_checkpoint(checkpoint)
-    # A row per chosen unlabelled image, four 160-pixel columns (image, truth, pseudo-mask, confidence).
-    assert preview.size == (4 * 162 + 2, 16 + min(8, len(saved["unlabeled"])) * 162 + 2)
-    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == sorted([f"{i}.png" for i in TRAIN_IDS] + ["preview.png"])
+    # A row per chosen unlabelled image, four 160-pixel columns (image, truth, pseudo-mask, confidence), a legend.
+    rows = min(8, len(saved["unlabeled"]))
+    assert preview.size[0] == 4 * 164 + 4 and 18 + rows * 178 + 24 <= preview.size[1] <= 18 + rows * 178 + 6 + 18 * 4
+    assert sorted(os.listdir(out)) == ["confidence", "image_stats", "label_next.csv", "label_next.png", "labeled.txt",
+                                       "masks", "preview.png", "run.json", "stats.json", "unlabeled.txt"]
+    assert sorted(os.listdir(os.path.join(out, "masks"))) == sorted(f"{i}.png" for i in TRAIN_IDS)
     model = evaluate.model_from_checkpoint(saved, checkpoint).eval()
     for index, image_id in enumerate(TRAIN_IDS):
-        png = Image.open(os.path.join(out, f"{image_id}.png"))
+        png = Image.open(os.path.join(out, "masks", f"{image_id}.png"))
         assert png.mode == "P" and png.size == image_size(index) and png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
         image = common.read_image(common.describe_dataset(voc_root).images[image_id])[None]
         with torch.no_grad():
@@ -66,7 +69,7 @@ def test_quality_figures_match_the_written_masks(trained, tmp_path):
         confusion = common.ConfusionMatrix(21)
         for image_id in saved[group]:
             truth = np.array(Image.open(common.describe_dataset(voc_root).masks[image_id]))
-            confusion.update(torch.from_numpy(truth), torch.from_numpy(np.array(Image.open(os.path.join(out, f"{image_id}.png")))))
+            confusion.update(torch.from_numpy(truth), torch.from_numpy(np.array(Image.open(os.path.join(out, "masks", f"{image_id}.png")))))
         assert stats[group]["miou"] == pytest.approx(confusion.miou())
 
 
@@ -100,14 +103,17 @@ def test_batch_stats_of_a_batch_are_those_of_its_images():
     for i in range(5):
         p, m, row = stage2_pseudolabel.batch_stats(probs[i:i + 1], targets[i:i + 1], 4, region)
         assert torch.equal(prediction[i], p[0]) and torch.allclose(rows[i], row[0], rtol=1e-12)
-    assert (prediction[:, -1] == 255).all() and rows[:, :16].sum() == ((targets != 255).sum() - 5 * 7)  # region not judged
+    confusion = stage2_pseudolabel.by_field(rows.numpy(), 4)["confusion"]
+    assert (prediction[:, -1] == 255).all() and confusion.sum() == ((targets != 255).sum() - 5 * 7)  # region not judged
 
 
 def test_an_ignore_region_is_255_in_the_mask_and_out_of_the_figures():
     probs = torch.tensor([[0.9, 0.2], [0.1, 0.8]]).reshape(1, 2, 1, 2)
     prediction, _, rows = stage2_pseudolabel.batch_stats(probs, torch.tensor([[[0, 1]]]), 2, torch.tensor([[False, True]]))
     assert prediction.tolist() == [[[0, 255]]]
-    assert rows[0, :4].tolist() == [1, 0, 0, 0]  # the region's pixel is not compared with the truth
+    fields = stage2_pseudolabel.by_field(rows.numpy(), 2)
+    assert fields["confusion"][0].tolist() == [1, 0, 0, 0]  # the region's pixel is not compared with the truth
+    assert fields["pixels"][0, 0] == 2 and fields["has_truth"][0, 0] == 1
 
 
 def test_reliability_and_calibration_error_from_the_rows(tmp_path):
@@ -132,8 +138,8 @@ def test_same_output_whatever_the_batch_size_and_the_writer_threads(trained, tmp
     run_script("stage2_pseudolabel.py", "--checkpoint", checkpoint, "--out", tmp_path / "four", "--batch-size", 4,
                "--workers", 2, "--device", "cpu")
     for image_id in TRAIN_IDS:
-        a = np.array(Image.open(tmp_path / "one" / f"{image_id}.png"))
-        b = np.array(Image.open(tmp_path / "four" / f"{image_id}.png"))
+        a = np.array(Image.open(tmp_path / "one" / "masks" / f"{image_id}.png"))
+        b = np.array(Image.open(tmp_path / "four" / "masks" / f"{image_id}.png"))
         assert np.array_equal(a, b)
         assert np.allclose(np.load(tmp_path / "one" / "image_stats" / f"{image_id}.npy"),
                            np.load(tmp_path / "four" / "image_stats" / f"{image_id}.npy"), rtol=1e-5)  # conv rounding
@@ -145,13 +151,17 @@ def test_rerun_skips_finished_images_and_completes_an_interrupted_run(trained, t
     pseudolabel(checkpoint, str(out))
     first = json.load(open(out / "stats.json"))
     # As an interruption leaves it: two images missing, one with its figures but not its PNG.
-    os.remove(out / f"{TRAIN_IDS[0]}.png")
-    os.remove(out / f"{TRAIN_IDS[1]}.png")
+    finished = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = pseudolabel(checkpoint, str(out))  # a finished folder is left exactly as it is
+    assert "nothing to do" in result.stdout
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == finished
+    os.remove(out / "masks" / f"{TRAIN_IDS[0]}.png")
+    os.remove(out / "masks" / f"{TRAIN_IDS[1]}.png")
     os.remove(out / "image_stats" / f"{TRAIN_IDS[1]}.npy")
-    kept = os.path.getmtime(out / f"{TRAIN_IDS[5]}.png")
+    kept = os.path.getmtime(out / "masks" / f"{TRAIN_IDS[5]}.png")
     result = pseudolabel(checkpoint, str(out))
     assert f"{len(TRAIN_IDS) - 2} already done" in result.stdout and "wrote 2 pseudo-masks" in result.stdout
-    assert os.path.getmtime(out / f"{TRAIN_IDS[5]}.png") == kept
+    assert os.path.getmtime(out / "masks" / f"{TRAIN_IDS[5]}.png") == kept
     second = json.load(open(out / "stats.json"))
     for group in ["labeled", "unlabeled"]:
         assert second[group]["miou"] == pytest.approx(first[group]["miou"])
@@ -197,7 +207,7 @@ def test_previous_rounds_are_shown_beside_this_one(trained, tmp_path):
     pseudolabel(checkpoint, str(tmp_path / "round1"))
     result = pseudolabel(checkpoint, str(tmp_path / "round2"), "--previous", tmp_path / "round1")
     assert "pseudo-masks of the unlabelled images" in result.stdout and "(this round)" in result.stdout
-    assert Image.open(tmp_path / "round2" / "preview.png").size[0] == 4 * 162 + 2  # image, truth, round 1, round 2
+    assert Image.open(tmp_path / "round2" / "preview.png").size[0] == 4 * 164 + 4  # image, truth, round 1, round 2
     other = str(tmp_path / "other")
     run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 5, *TINY_TRAIN, "--out", other)
     result = pseudolabel(other, str(tmp_path / "round3"), "--previous", tmp_path / "round1", check=False)

@@ -41,8 +41,7 @@ def train_multitask(options, steps=3):
     args = flags(**options)
     optimizer, scheduler = stage1_train.make_optimizer(student, args)
     net = stage1_train.prepare_model(student, args, torch.device("cpu"))
-    decay = [0.9]
-    teacher = stage3_multitask.make_teacher(student, decay)
+    teacher, update_teacher = stage3_multitask.make_teacher(student)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         def image(n):
@@ -50,8 +49,8 @@ def train_multitask(options, steps=3):
             return images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
         labeled = (image(1), torch.randint(0, 4, (1, 16, 16), generator=g), torch.randint(0, 4, (1, 16, 16), generator=g))
         unlabeled = (image(2), image(2), torch.randint(0, 4, (2, 16, 16), generator=g), torch.arange(256).view(16, 16).repeat(2, 1, 1))
-        stage3_multitask.train_one_step(net, teacher, labeled, unlabeled, optimizer, scheduler, decay, args)
-    return {**student.state_dict(), **{f"teacher.{k}": v for k, v in teacher.module.state_dict().items()}}
+        stage3_multitask.train_one_step(net, teacher, update_teacher, labeled, unlabeled, optimizer, scheduler, args)
+    return {**student.state_dict(), **{f"teacher.{k}": v for k, v in teacher.state_dict().items()}}
 
 
 def assert_close(a, b):

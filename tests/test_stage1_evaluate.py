@@ -39,10 +39,15 @@ def test_stage1_writes_checkpoint_split_and_metrics(stage1_run):
 def test_the_first_lines_say_what_the_data_holds(stage1_run):
     voc_root, out, result = stage1_run
     lines = result.stdout.splitlines()
-    assert lines[0] == f"voc data in {voc_root}: 12 training images (12 with a mask), 4 val images, 21 classes"
-    assert lines[1].startswith("this run: 4 labelled and 8 unlabelled training images; the classes' pixel shares in "
-                               "the labelled masks: background ")
-    assert lines[2].startswith("note: the labelled masks have no pixel of ") and "tvmonitor" in lines[2]
+    assert lines[0] == f"voc data in {voc_root}: 12 training images (12 with a mask, 0 without), 4 val images, 21 classes"
+    assert lines[1] == "classes: PASCAL VOC's 21 (no classes.txt, class_names.txt or labelmap.txt)"
+    assert lines[2] == "this run: 4 labelled and 8 unlabelled training images"
+    assert lines[3].startswith("pixels of the 4 labelled masks: background ")
+    shares = " ".join(lines[3:9])
+    assert "ignored (255): " in shares and "pixels of the 4 val masks: background" in shares
+    assert all(len(line) <= 120 for line in lines[3:9])  # 21 classes wrap into lines a person can read
+    assert next(line for line in lines if line.startswith("note:")).startswith(
+        "note: the labelled masks have no pixel of ")
 
 
 def test_same_split_seed_same_split_and_another_seed_another(voc_root, tmp_path):
@@ -204,7 +209,7 @@ def break_tree(voc_root, what):
 
 
 @pytest.mark.parametrize("what,fragment", [("unreadable image", "cannot read image"), ("mask size", "5x5 but its image"),
-                                           ("label value", "has label 77")])
+                                           ("label value", "has the value 77")])
 @pytest.mark.parametrize("workers", [0, 1])
 def test_bad_files_are_named_in_one_line_also_from_worker_processes(voc_root, tmp_path, what, fragment, workers):
     break_tree(voc_root, what)
@@ -218,9 +223,9 @@ def test_bad_files_are_named_in_one_line_also_from_worker_processes(voc_root, tm
     (["--data-root", "/nonexistent/VOC2012", "--labeled", "4"], "--data-root /nonexistent/VOC2012 is not a folder"),
     (["--labeled", "0"], "--labeled 0"),
     (["--labeled", "-2"], "--labeled -2"),
-    (["--labeled", "9"], "the classic protocol draws from 8 images"),
+    (["--labeled", "9"], "the classic protocol draws from the 8 training images with a mask"),
     (["--labeled-list", "/nonexistent/list.txt"], "--labeled-list /nonexistent/list.txt not found"),
-    (["--crop-size", "4", "--labeled", "4"], "--crop-size 4: it must be at least 8"),
+    (["--crop-size", "4", "--labeled", "4"], "--crop-size 4: one number or two (HEIGHT WIDTH), each at least 8"),
     (["--image-scale", "0.01", "--labeled", "4"], "too small for the model (at least 8 pixels a side); check --image-scale"),
     (["--labeled", "4", "--backbone", "resnet50", "--batch-size", "1"], "--batch-size 1: DeepLabv3's image pooling"),
 ])
@@ -233,7 +238,7 @@ def test_bad_flags(voc_root, tmp_path, flags, fragment):
 def test_split_id_without_image(voc_root, tmp_path):
     os.remove(os.path.join(voc_root, "JPEGImages", f"{TRAIN_IDS[-1]}.jpg"))
     result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN, "--out", str(tmp_path / "r"), check=False)
-    assert_user_error(result, f"split id {TRAIN_IDS[-1]} has no image")
+    assert_user_error(result, f"{TRAIN_IDS[-1]} has a mask or a line in ImageSets/ but no image in JPEGImages/")
 
 
 def test_an_output_folder_that_cannot_be_written_is_one_line(voc_root, tmp_path, monkeypatch):
@@ -242,9 +247,13 @@ def test_an_output_folder_that_cannot_be_written_is_one_line(voc_root, tmp_path,
                         "--out", tmp_path / "file" / "run", check=False)
     assert_user_error(result, "--out", "cannot write there")
 
-    def read_only(*args, **kwargs):  # as a read-only folder answers (root may write anywhere, so it is simulated)
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(common, "write_json", read_only)
+    makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):  # as a read-only disk answers (root may write anywhere: simulated)
+        if str(path).startswith(str(tmp_path / "readonly")):
+            raise PermissionError(13, "Permission denied")
+        return makedirs(path, *args, **kwargs)
+    monkeypatch.setattr(common.os, "makedirs", read_only)
     result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN,
                         "--out", tmp_path / "readonly", check=False)
     assert_user_error(result, f"--out {tmp_path / 'readonly'}: cannot write there (Permission denied)")
@@ -295,9 +304,9 @@ def test_history_has_every_progress_line_and_evaluation_and_a_continued_run_cont
 
 @pytest.mark.parametrize("flags,fragment", [
     (["--lr", "nan"], "--lr nan: NaN and infinity are not allowed"),
-    (["--scale-range", "0.5", "inf"], "--scale-range [0.5, inf]: NaN and infinity are not allowed"),
-    (["--weight-decay", "-1"], "--weight-decay -1.0: it must be at least 0"),
-    (["--crop-size", "8", "8", "8"], "--crop-size takes one number or two"),
+    (["--scale-range", "0.5", "inf"], "--scale-range inf: NaN and infinity are not allowed"),
+    (["--weight-decay", "-1"], "--weight-decay -1.0: it must be 0 or more"),
+    (["--crop-size", "8", "8", "8"], "--crop-size 8 8 8: one number or two"),
 ])
 def test_non_finite_and_negative_numbers_are_refused(voc_root, tmp_path, flags, fragment):
     result = run_script("stage1_train.py", "--data-root", voc_root, "--labeled", 4, *TINY_TRAIN, *flags,
