@@ -282,6 +282,8 @@ def predict_images(model, args, device, scale, checkpoint):
         common.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
         picture = overlay(image.as_subclass(torch.Tensor), prediction, palette)
         picture = Image.fromarray(picture.permute(1, 2, 0).numpy())
+        zoom = max(1, 320 // max(picture.size))  # a small image enlarged, its pixels kept sharp
+        picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
         picture = with_legend(picture, prediction.unique().tolist(), checkpoint["class_names"], palette)
         common.atomic_write(os.path.join(args.save_dir, f"{name}_overlay.jpg"),
                             lambda tmp: picture.save(tmp, format="JPEG", quality=90))

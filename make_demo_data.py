@@ -186,8 +186,9 @@ def main(argv=None):
     if not 1 <= args.train_txt <= args.train or args.size < 16:
         raise common.UserError("--train-txt must be from 1 to --train, and --size at least 16")
     recipe = {**{k: v for k, v in vars(args).items() if k != "out"}, "code": common.file_sha256(__file__)[:16]}
-    record = common.open_output(args.out, "--out", "make_demo_data.py")
-    if record is not None and os.path.exists(os.path.join(args.out, "classes.txt")):  # classes.txt comes last
+    finished = all(os.path.isfile(os.path.join(args.out, name)) for name in [common.RECORD, "classes.txt"])
+    record = (common.read_record if finished else common.open_output)(args.out, "--out", "make_demo_data.py")
+    if finished:  # classes.txt comes last; only read, so demos started side by side do not wait for each other
         common.check_same_recipe(record["recipe"], recipe, args.out,
                                  "delete it to write it again, or choose another --out")
         print(f"{args.out} exists; not rewritten")

@@ -17,8 +17,9 @@ What it reads, recognised by the layout:
   - Oxford-IIIT Pet (images/, annotations/trimaps/, annotations/test.txt): trimaps linked, classes.txt mapping
     2 to background, 1 to pet and 3 (the border) to ignore, the test list as val.
   - your own layout with masks saved as JPEG (images/, masks/<id>.jpg or <id>_mask.jpg): JPEG changes a mask's
-    values at object edges; two-class masks are thresholded at half their largest value into PNG (it says so),
-    masks of more classes are refused (JPEG mixed their values; export them again as PNG).
+    values at object edges; two-class masks are thresholded halfway between their two values into grey PNGs of
+    the same two values (it says so); masks of more classes are refused (JPEG mixed their values; export them
+    again as PNG).
 The same command again finishes an interrupted run and leaves a finished one alone.
 """
 import argparse
@@ -178,11 +179,13 @@ def coco(source):
             data = json.loads(Path(json_path).read_text(encoding="utf-8-sig"))
         except ValueError as e:
             raise common.UserError(f"{json_path} is not JSON ({e})") from None
-        split = (os.path.basename(json_path) + " " + os.path.basename(os.path.dirname(json_path))).lower()
+        named = os.path.basename(json_path) + " " + os.path.basename(os.path.dirname(json_path))  # its file, its folder
+        words = set(re.findall(r"[a-z]+", named.lower()))
+        split = "test" if words & {"test", "testing"} else "val" if words & {"val", "valid", "validation"} else "train"
         annotations = {}
         for a in data.get("annotations", []):
             annotations.setdefault(a["image_id"], []).append(a)
-        categories.update({c["id"]: c["name"] for c in data.get("categories", []) if "test" not in split})
+        categories.update({c["id"]: c["name"] for c in data.get("categories", []) if split != "test"})
         for image in data.get("images", []):
             candidates = [r for r in by_name.get(os.path.basename(image["file_name"]), [])
                           if r.endswith(os.path.normpath(image["file_name"]))]
@@ -190,13 +193,13 @@ def coco(source):
                 raise common.UserError(f"{json_path}: the image {image['file_name']} is "
                                        + ("not under " if not candidates else "found twice under ") + source)
             image_id = os.path.splitext(candidates[0])[0].replace(os.sep, "/")
-            if "test" in split:
+            if split == "test":
                 held_out.add(image_id)
                 continue
             images[image_id] = everything[candidates[0]]
             masks[image_id] = (json_path, draw_coco(annotations.get(image["id"], []), image["height"], image["width"]))
-            val += [image_id] if "val" in split else []
-        notes += [f"left out: the {len(held_out)} images of {json_path} (a test set)"] if "test" in split else []
+            val += [image_id] if split == "val" else []
+        notes += [f"left out: the {len(held_out)} images of {json_path} (a test set)"] if split == "test" else []
     order = sorted(categories)
     index = {category: i + 1 for i, category in enumerate(order)}
     masks = {i: (path, lambda target, draw=draw: draw(target, index)) for i, (path, draw) in masks.items()}

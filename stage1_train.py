@@ -455,9 +455,13 @@ class Progress:
         self.last_step, self.last_time, self.sums, self.count = step, now, {}, 0
 
     def log(self, record):
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        try:
+            if self.path:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise common.UserError(f"cannot write {self.path}: {e.strerror}; free space on its disk, then run the same "
+                                   "command again") from None
 
 
 # ----------------------------------------------------------------------------- augmentation

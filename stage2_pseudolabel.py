@@ -254,11 +254,14 @@ def write_sheet(path, titles, rows, captions, description, size=160):
 
 
 def image_and_masks(description, image_id, folders):
-    """An image and its masks as sheet panels: the image, its true mask, then its pseudo-mask in each folder."""
+    """An image and its masks as sheet panels: the image, its true mask (the image washed out where it has none),
+    then its pseudo-mask in each folder."""
     image = common.read_image(description.images[image_id]).as_subclass(torch.Tensor)
     truth = common.SegmentationDataset(description, [image_id], masks_optional=True)[0][1]
-    masks = [truth] + [torch.from_numpy(np.array(Image.open(pseudo_mask(folder, image_id)))) for folder in folders]
-    return [(image, None)] + [(evaluate.overlay(image, mask, description.palette), mask) for mask in masks]
+    pseudo = [torch.from_numpy(np.array(Image.open(pseudo_mask(folder, image_id)))) for folder in folders]
+    no_truth = (image // 4 + 190, None) if not description.masks.get(image_id) else None
+    return [(image, None), no_truth or (evaluate.overlay(image, truth, description.palette), truth)] + [
+        (evaluate.overlay(image, mask, description.palette), mask) for mask in pseudo]
 
 
 def read_round(folder, labeled, data_root):
@@ -431,7 +434,9 @@ def main(argv=None):
     write_sheet(os.path.join(args.out, "label_next.png"),
                 ["image", "true mask", "pseudo-mask", "confidence (white: 1)"],
                 [image_and_masks(description, r["id"], [args.out]) + confidence(r["id"]) for r in top],
-                [f"{r['rank']}. {r['id']}: mean entropy {r['mean_entropy']:.3f}" for r in top], description)
+                [f"{r['rank']}. {r['id']}: mean entropy {r['mean_entropy']:.3f}" + ("" if r["has_mask"] else
+                                                                                     " (no true mask)") for r in top],
+                description)
     common.write_json(os.path.join(args.out, "stats.json"), stats)  # last: the folder is finished
     print_summary(stats, class_names)
     if previous:

@@ -82,6 +82,8 @@ def pseudo_split(folder, record, description):
     if os.path.realpath(description.root) != record["recipe"]["data_root"]:
         raise common.UserError(f"--pseudo {folder} was made on the data in {record['recipe']['data_root']}, not on "
                                f"--data-root {description.root}; make pseudo-masks of this data with {PSEUDO_SCRIPT}")
+    if not os.path.isdir(os.path.join(folder, "masks")):
+        raise common.UserError(f"--pseudo {folder} was written by an earlier version (no masks/ folder); make it again")
     labeled, unlabeled = (common.read_lines(os.path.join(folder, f"{name}.txt")) for name in ["labeled", "unlabeled"])
     missing = [i for i in labeled + unlabeled if not os.path.exists(pseudo_mask(folder, i))]
     if missing or not os.path.exists(os.path.join(folder, "stats.json")):

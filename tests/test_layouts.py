@@ -243,13 +243,20 @@ def test_coco_polygons_and_rle_after_one_command(tmp_path):
         "info": {}, "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}], "images": images,
         "annotations": annotations}))
     save(str(source / "train" / "unannotated.jpg"), image_of(9))
+    for split in ["valid", "test"]:  # Roboflow's COCO export: a JSON in each split's folder
+        save(str(source / split / f"{split}0.jpg"), image_of(10))
+        (source / split / "_annotations.coco.json").write_text(json.dumps({
+            "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}], "annotations": [{
+                "id": 0, "image_id": 0, "category_id": 3, "segmentation": [[1, 1, 30, 1, 30, 20, 1, 20]]}],
+            "images": [{"id": 0, "file_name": f"{split}0.jpg", "height": SIZE[0], "width": SIZE[1]}]}))
     root, said = prepare(source, tmp_path / "data")
+    assert "left out: the 1 images of" in said and (root / "val.txt").read_text() == "valid/valid0\n"
     assert (root / "classes.txt").read_text() == "background\ncat\ndog\n"
     mask = np.array(Image.open(root / "masks" / "train" / "img0.png"))
     assert mask[8, 10] == 1 and mask[0, 0] == 0 and mask[22, 30] == 2 and mask[29, 31] == 2 and mask[30, 31] == 0
     assert mask[12, 17] == 255 and mask[17, 22] == 2  # the overlap, and the dog alone
     d, val, stats = run_scripts(root, tmp_path)
-    assert not d.masks["train/unannotated"] and len(d.train_ids) + len(d.val_ids) == 9
+    assert not d.masks["train/unannotated"] and len(d.train_ids) == 9 and d.val_ids == ["valid/valid0"]
 
 
 # ----------------------------------------------------------------------------- class lists, checked

@@ -183,6 +183,24 @@ def test_ema_update_matches_its_formula():
             assert torch.equal(after[key], value), key  # BN's batch counters are copied
 
 
+def test_the_teacher_is_the_one_torchs_averaged_model_gave_to_the_bit():
+    """The two-operation update gives what the version before gave with torch.optim.swa_utils.AveragedModel."""
+    student, _ = make_pair("separate")
+    teacher, update_teacher = stage3_multitask.make_teacher(student)
+    averaged = torch.optim.swa_utils.AveragedModel(student, use_buffers=True, multi_avg_fn=lambda t, s, n: (
+        torch._foreach_lerp_(t, s, 0.1) if t[0].is_floating_point() else [a.copy_(b) for a, b in zip(t, s)]))
+    averaged.update_parameters(student)  # its first update copies, as the version before made its teacher
+    for _ in range(3):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p))
+        student(torch.randn(2, 3, 16, 16))
+        update_teacher(0.9)
+        averaged.update_parameters(student)
+    for key, value in averaged.module.state_dict().items():
+        assert torch.equal(teacher.state_dict()[key], value), key
+
+
 def test_ema_decay_schedule():
     decays = [stage3_multitask.ema_decay(step, 600) for step in [0, 199, 200, 399, 400, 499, 500, 600]]
     assert decays == [0.99, 0.99, 0.995, 0.995, 0.9975, 0.9975, 0.999, 0.999]

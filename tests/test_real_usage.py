@@ -84,10 +84,12 @@ def pseudo_masks(voc_template, tmp_path_factory):
     return base
 
 
-def test_a_resumed_multitask_run_ends_with_the_weights_of_one_never_stopped(pseudo_masks, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_multitask_run_ends_with_the_weights_of_one_never_stopped(pseudo_masks, tmp_path, monkeypatch,
+                                                                             workers):
     import stage3_multitask
     command = ["stage3_multitask.py", "--pseudo", pseudo_masks / "p1", *TINY_MULTITASK, "--iters", 5, "--save-every", 2,
-               "--optimizer", "adamw", "--ema-decay", 0.5]
+               "--optimizer", "adamw", "--ema-decay", 0.5, "--workers", workers]
     run_script(*command, "--out", tmp_path / "whole")
     interrupted_at(monkeypatch, stage3_multitask, 4)
     run_script(*command, "--out", tmp_path / "resumed", check=False)
