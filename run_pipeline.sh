@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole method of Ke et al. (IEEE TIP 2022), chained: stage 1, pseudo-masks, the multi-task
-# stage with ĝ (separate), pseudo-masks again, the multi-task stage with g̃ (shared), the last
+# The whole method of Ke et al. (IEEE TIP 2022), chained: stage 1, pseudo-masks, the paper's stage 2
+# (multi-task, ĝ: separate), pseudo-masks again, its stage 3 (multi-task, g̃: shared), the last
 # pseudo-masks (to measure the last round), then the evaluation of the final model beside stage 1
 # (and the controls). Every command is printed before it runs, so that it can be copied.
 #
@@ -91,4 +91,5 @@ if [[ "${CONTROL:-0}" == 1 ]]; then
     COMPARE+=("$OUT/control" "$OUT/control_strong")
 fi
 run python "${S}evaluate.py" --checkpoint "$OUT/stage3" --compare "${COMPARE[@]}" --json "$OUT/summary.json" "${CPU[@]}"
-echo "the rounds side by side: $OUT/pseudo3/preview.png; the figures: $OUT/summary.json and $OUT/pseudo*/stats.json"
+echo "the rounds side by side: $OUT/pseudo3/preview.png; the figures: $OUT/summary.json and $OUT/pseudo*/stats.json;"
+echo "the images to label next: $OUT/pseudo3/label_next.csv and label_next.png"
