@@ -78,10 +78,6 @@ def link(source, target):
             common.atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
-def id_of(path, folder):
-    return os.path.splitext(os.path.relpath(path, folder))[0].replace(os.sep, "/")
-
-
 # ============================================================================= the formats
 # Each returns (images {id: file}, masks {id: (file, how)}: how is "link" or a function writing the PNG,
 # classes.txt's lines or None, val ids, notes).
@@ -93,7 +89,7 @@ def roboflow(source):
         if split.lower() == "test":
             notes.append(f"left out: {split}/ (a test set)")
             continue
-        found = {id_of(path, source): path for path in common.list_images(os.path.join(source, split))}
+        found = {f"{split}/{i}": path for i, path in common.files_by_id(os.path.join(source, split)).items()}
         for image_id, path in found.items():
             if image_id.endswith("_mask") and image_id[:-5] in found:
                 masks[image_id[:-5]] = (path, "link")
@@ -108,10 +104,8 @@ def roboflow(source):
 
 
 def ade20k(source):
-    images = {id_of(path, os.path.join(source, "images")): path
-              for path in common.list_images(os.path.join(source, "images"))}
-    masks = {id_of(path, os.path.join(source, "annotations")): (path, "link")
-             for path in common.list_images(os.path.join(source, "annotations"))}
+    images = common.files_by_id(os.path.join(source, "images"))  # two files of one id are refused
+    masks = {i: (path, "link") for i, path in common.files_by_id(os.path.join(source, "annotations")).items()}
     rows = [line.split(",") for line in common.read_lines(os.path.join(source, "objectInfo150.csv"))[1:]]
     classes = ["__ignore__ = 0"] + [f"{row[-1].split(';')[0].strip()} = {row[0]}" for row in rows]
     val = [i for i in masks if i.startswith("validation/")]
@@ -119,10 +113,9 @@ def ade20k(source):
 
 
 def oxford_pet(source):
-    images = {id_of(path, os.path.join(source, "images")): path
-              for path in common.list_images(os.path.join(source, "images"))}
-    trimaps = os.path.join(source, "annotations", "trimaps")
-    masks = {id_of(path, trimaps): (path, "link") for path in common.list_images(trimaps)}
+    images = common.files_by_id(os.path.join(source, "images"))
+    trimaps = common.files_by_id(os.path.join(source, "annotations", "trimaps"))
+    masks = {i: (path, "link") for i, path in trimaps.items()}
     test = os.path.join(source, "annotations", "test.txt")
     val = [line.split()[0] for line in common.read_lines(test)] if os.path.isfile(test) else []
     return images, masks, ["background = 2", "pet = 1", "__ignore__ = 3"], [i for i in val if i in masks], \
@@ -131,11 +124,9 @@ def oxford_pet(source):
 
 def jpeg_masks(source):
     """Your own layout with masks saved as JPEG: two-class masks thresholded into PNG, more classes refused."""
-    images = {id_of(path, os.path.join(source, "images")): path
-              for path in common.list_images(os.path.join(source, "images"))}
-    masks = os.path.join(source, "masks")
-    found = {id_of(path, masks): path for path in common.list_images(masks)}
-    found = {(i if i in images else i.removesuffix("_mask")): path for i, path in found.items()}
+    images = common.files_by_id(os.path.join(source, "images"))
+    found = {(i if i in images else i.removesuffix("_mask")): path
+             for i, path in common.files_by_id(os.path.join(source, "masks")).items()}
     histogram = sum(np.bincount(np.asarray(Image.open(path).convert("L")).ravel(), minlength=256)
                     for path in found.values())
     peaks = np.flatnonzero(histogram > 0.01 * histogram.sum())  # values on 1% of the pixels at least
@@ -170,10 +161,10 @@ def coco_files(source):
 
 def coco(source):
     """COCO JSON: each listed image's annotations drawn into its mask; the categories in the order of their ids."""
-    everything = {os.path.relpath(path, source): path for path in common.list_images(source)}
+    everything = common.files_by_id(source)  # {id: image}; two files of one id are refused
     by_name, images, masks, val, categories, held_out, notes = {}, {}, {}, [], {}, set(), []
-    for relative in everything:
-        by_name.setdefault(os.path.basename(relative), []).append(relative)
+    for image_id, path in everything.items():
+        by_name.setdefault(os.path.basename(path), []).append(image_id)
     for json_path in coco_files(source):
         try:
             data = json.loads(Path(json_path).read_text(encoding="utf-8-sig"))
@@ -187,24 +178,23 @@ def coco(source):
             annotations.setdefault(a["image_id"], []).append(a)
         categories.update({c["id"]: c["name"] for c in data.get("categories", []) if split != "test"})
         for image in data.get("images", []):
-            candidates = [r for r in by_name.get(os.path.basename(image["file_name"]), [])
-                          if r.endswith(os.path.normpath(image["file_name"]))]
+            candidates = [i for i in by_name.get(os.path.basename(image["file_name"]), [])
+                          if everything[i].endswith(os.sep + os.path.normpath(image["file_name"]))]
             if len(candidates) != 1:
                 raise common.UserError(f"{json_path}: the image {image['file_name']} is "
                                        + ("not under " if not candidates else "found twice under ") + source)
-            image_id = os.path.splitext(candidates[0])[0].replace(os.sep, "/")
+            image_id = candidates[0]
             if split == "test":
                 held_out.add(image_id)
                 continue
-            images[image_id] = everything[candidates[0]]
+            images[image_id] = everything[image_id]
             masks[image_id] = (json_path, draw_coco(annotations.get(image["id"], []), image["height"], image["width"]))
             val += [image_id] if split == "val" else []
         notes += [f"left out: the {len(held_out)} images of {json_path} (a test set)"] if split == "test" else []
     order = sorted(categories)
     index = {category: i + 1 for i, category in enumerate(order)}
     masks = {i: (path, lambda target, draw=draw: draw(target, index)) for i, (path, draw) in masks.items()}
-    for relative, path in everything.items():  # images in no annotation file: unlabelled
-        image_id = os.path.splitext(relative)[0].replace(os.sep, "/")
+    for image_id, path in everything.items():  # images in no annotation file: unlabelled
         if image_id not in images and image_id not in held_out:
             images[image_id] = path
     return images, masks, ["background"] + [categories[c] for c in order], val, notes
@@ -254,6 +244,11 @@ def main(argv=None):
     if not os.path.isdir(args.source):
         raise common.UserError(f"{args.source} is not a folder")
     kind = recognise(args.source)
+    read = {"coco": coco, "roboflow": roboflow, "ade20k": ade20k, "oxford-pet": oxford_pet, "jpeg-masks": jpeg_masks}
+    images, masks, classes, val, notes = read[kind](args.source)  # everything checked before anything is written
+    orphan = next(((i, path) for i, (path, _) in masks.items() if i not in images), None)
+    if orphan:
+        raise common.UserError(f"{orphan[1]}: a mask without its image ({orphan[0]}) in {args.source}")
     recipe = {"source": os.path.realpath(args.source), "format": kind}
     record = common.open_output(args.out, "--out", SCRIPT, reads=[args.source])
     if record is not None:
@@ -263,13 +258,9 @@ def main(argv=None):
             return
     common.write_json(os.path.join(args.out, common.RECORD), {"script": SCRIPT, "recipe": recipe, "finished": False})
     common.interrupt_note = "what is written is whole; the same command finishes it"
-    read = {"coco": coco, "roboflow": roboflow, "ade20k": ade20k, "oxford-pet": oxford_pet, "jpeg-masks": jpeg_masks}
-    images, masks, classes, val, notes = read[kind](args.source)
     for image_id, path in images.items():
         link(path, os.path.join(args.out, "images", image_id + os.path.splitext(path)[1].lower()))
     for image_id, (path, how) in masks.items():
-        if image_id not in images:
-            raise common.UserError(f"{path}: a mask without its image ({image_id}) in {args.source}")
         extension = os.path.splitext(path)[1].lower() if how == "link" else ".png"
         target = os.path.join(args.out, "masks", image_id + extension)
         if how == "link":

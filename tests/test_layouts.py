@@ -322,3 +322,13 @@ def test_the_images_to_label_next_are_ranked_by_the_models_uncertainty(tmp_path)
     assert entropies == sorted(entropies, reverse=True) and [int(r["rank"]) for r in rows] == list(range(1, 7))
     assert stats["label_next"]["ranked_by"] == "mean entropy of the predicted probabilities"
     assert Image.open(tmp_path / "p1" / "label_next.png").size[0] == 4 * 164 + 4
+
+
+def test_two_images_of_one_name_are_refused_not_one_dropped(tmp_path):
+    source = tmp_path / "oxford-iiit-pet"
+    for name in ["Bengal_1.jpg", "Bengal_1.png"]:
+        save(str(source / "images" / name), image_of(0))
+    save(str(source / "annotations" / "trimaps" / "Bengal_1.png"), np.full(SIZE, 2, np.uint8))
+    assert_user_error(run_script("prepare_data.py", source, "--out", tmp_path / "out", check=False),
+                      "Bengal_1.jpg and", "Bengal_1.png have the same id Bengal_1; rename one of them")
+    assert not (tmp_path / "out").exists()
