@@ -349,8 +349,7 @@ def cityscapes(root, flag):
             images[image_id] = path
             ids_of[split].append(image_id)
             gt = os.path.join(root, "gtFine", split, os.path.basename(os.path.dirname(path)), image_id + "_gtFine_")
-            masks[image_id] = next((gt + k for k in ["labelIds.png", "labelTrainIds.png"] if os.path.isfile(gt + k)),
-                                   None)
+            masks[image_id] = next(filter(os.path.isfile, [gt + "labelIds.png", gt + "labelTrainIds.png"]), None)
     table, classes = np.full(256, -1, dtype=np.int16), torchvision.datasets.Cityscapes.classes
     for c in classes:
         table[max(c.id, 0)] = c.train_id if 0 <= c.train_id < IGNORE else IGNORE
@@ -379,7 +378,8 @@ def own_data(root, flag):
             raise UserError(f"{masks[mask_id]} and {path} are both masks of the image {mask_id}; remove one")
         masks[mask_id] = path
     if len(masks) < 2:
-        raise UserError(f"{flag} {root} has {len(masks)} masks in masks/; it needs two at least: to train, to validate")
+        raise UserError(f"{flag} {root} has {len(masks)} masks in masks/; it needs two at least, to train and to "
+                        "validate (COCO JSON and other exports: prepare_data.py writes their masks; see README)")
     notes.append(f"masks: {len(masks)} of the {len(images)} images have one; the others are unlabelled")
     names, colours, table, class_notes = read_classes(root) or (None, None, None, [])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # every mask's values, checked now rather than in training

@@ -1,7 +1,6 @@
 """The speed options change results only by floating-point noise, and benchmark.py runs and reports."""
 import argparse
 import json
-import time
 
 import pytest
 import torch
@@ -135,13 +134,15 @@ def test_profile_reports_the_devices_idle_gaps(tmp_path, monkeypatch):
     longest = [gap["ms"] for gap in profile["longest_gaps"]]
     assert len(longest) == min(10, profile["gaps"]) and longest == sorted(longest, reverse=True) and "idle gaps" in result.stdout
 
-def test_warm_up_lasts_until_the_step_time_settles():
-    """A step that is slow for its first calls (as compiled code is) is warmed up until it is not."""
-    calls = []
+def test_warm_up_lasts_until_the_step_time_settles(monkeypatch):
+    """A step that is slow for its first calls (as compiled code is) is warmed up until it is not. The clock is
+    the test's own, so that a busy machine cannot move the result."""
+    calls, clock = [], [0.0]
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
 
     def step():
         calls.append(1)
-        time.sleep(0.02 if len(calls) <= 12 else 0.002)
+        clock[0] += 0.02 if len(calls) <= 12 else 0.002
     args = argparse.Namespace(steps=3, repeats=3, min_warmup=13, max_warmup=60)
     median, slowest, fastest, warmup = benchmark.time_steps(step, args, torch.device("cpu"))
     assert warmup == 18 and slowest < 0.005  # the slow calls are all in the warm-up: it ends once the speed settles
