@@ -42,8 +42,10 @@ from PIL import Image
 
 import common
 import evaluate
+import outputs
 import stage1_train
 import stage3_multitask
+import training
 
 # The scripts' default recipes: the shapes of each step and the lengths of each stage.
 DATASETS = {
@@ -175,8 +177,8 @@ def random_batch(n, crop, classes, device, channels_last):
 
 def stage1_case(args, shape, device, flags):
     model = common.build_model(args.backbone, shape["classes"], weights="none")
-    optimizer, scheduler = stage1_train.make_optimizer(model, flags)
-    net = stage1_train.prepare_model(model, flags, device)
+    optimizer, scheduler = training.make_optimizer(model, flags)
+    net = training.prepare_model(model, flags, device)
     images, masks = random_batch(shape["batch"], shape["crop"], shape["classes"], device, flags.channels_last)
 
     def flops():
@@ -191,9 +193,9 @@ def stage1_case(args, shape, device, flags):
 
 def multitask_case(args, shape, device, flags):
     student = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head)
-    optimizer, scheduler = stage1_train.make_optimizer(student, flags)
-    student = stage1_train.prepare_model(student, flags, device)
-    teacher, update_teacher = stage3_multitask.make_teacher(stage1_train.unwrapped(student))
+    optimizer, scheduler = training.make_optimizer(student, flags)
+    student = training.prepare_model(student, flags, device)
+    teacher, update_teacher = stage3_multitask.make_teacher(training.unwrapped(student))
     teacher = torch.compile(teacher) if flags.compile else teacher
     n_l, n_u, crop = shape["labeled"], shape["unlabeled"], shape["crop"]
 
@@ -209,7 +211,7 @@ def multitask_case(args, shape, device, flags):
         model = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head)
         frozen = common.build_model(args.backbone, shape["classes"], weights="none", aux_head=flags.aux_head).eval()
         meta_labeled, meta_unlabeled = batches(None, lambda n, c, k, d, cl: (torch.zeros(n, 3, *c),
-                                                                            torch.zeros(n, *c, dtype=torch.long)))
+                                                                             torch.zeros(n, *c, dtype=torch.long)))
         stage3_multitask.losses(model, frozen, meta_labeled, meta_unlabeled, 1.0, 0.5, False)["L"].backward()
     step = lambda: stage3_multitask.train_one_step(student, teacher, update_teacher, labeled, unlabeled,  # noqa: E731
                                                    optimizer, scheduler, flags)
@@ -225,9 +227,9 @@ def inference_case(args, shape, device, flags):
     images = images.contiguous(memory_format=torch.channels_last) if flags.channels_last else images
 
     def flops():
-        evaluate.image_probs(common.build_model(args.backbone, shape["classes"], weights="none").eval(),
-                             torch.zeros(n, 3, *shape["image"]), shape["image_scale"])
-    return lambda: evaluate.image_probs(model, images, shape["image_scale"], flags.amp), n, flops
+        common.image_probs(common.build_model(args.backbone, shape["classes"], weights="none").eval(),
+                           torch.zeros(n, 3, *shape["image"]), shape["image_scale"])
+    return lambda: common.image_probs(model, images, shape["image_scale"], flags.amp), n, flops
 
 
 CASES = {"stage 1": (stage1_case, None), "multi-task, ĝ": (multitask_case, "separate"),
@@ -311,8 +313,8 @@ def write_images(root, dataset, count, size, val=0):
                                                                   f"{image_id}_gtFine_labelIds.png"))
     if dataset == "voc":
         for name, listed in [("train", ids[:count]), ("val", ids[count:])]:
-            common.write_text(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt"),
-                              "".join(f"{i}\n" for i in listed))
+            outputs.write_text(os.path.join(root, "ImageSets", "Segmentation", f"{name}.txt"),
+                               "".join(f"{i}\n" for i in listed))
     return root
 
 
@@ -339,13 +341,13 @@ def time_loaders(args, dataset, root):
     scale_range = [shape["image_scale"] * s for s in ([0.5, 1.5] if dataset == "voc" else [1.0, 1.0])]
     labeled = common.SegmentationDataset(description, ids, stage1_train.augment(crop, scale_range, False))
     strong = stage3_multitask.StrongViewDataset(common.SegmentationDataset(description, ids),
-                                                stage1_train.weak_augment(crop, scale_range))
+                                                training.weak_augment(crop, scale_range))
     full = common.SegmentationDataset(description, ids * max(1, 2000 // len(ids)), masks_optional=True)  # to time
     return {
-        "stage 1": images_per_second(stage1_train.train_loader(labeled, shape["batch"], args.workers, 0), args.workers),
+        "stage 1": images_per_second(training.train_loader(labeled, shape["batch"], args.workers, 0), args.workers),
         "multi-task (weak + S)": images_per_second(
-            stage1_train.train_loader(strong, shape["unlabeled"], args.workers, 0), args.workers),
-        "pseudo-labels / eval": images_per_second(iter(evaluate.full_image_loader(full, INFERENCE_BATCH, args.workers)),
+            training.train_loader(strong, shape["unlabeled"], args.workers, 0), args.workers),
+        "pseudo-labels / eval": images_per_second(iter(common.full_image_loader(full, INFERENCE_BATCH, args.workers)),
                                                   args.workers),
     }
 
@@ -506,7 +508,7 @@ def profile_case(args, device, case):
         def write_trace(tmp):  # marked as ours before it takes its name, so that the same command may replace it
             prof.export_chrome_trace(tmp)
             Path(tmp).write_text(json.dumps({**json.loads(Path(tmp).read_text()), "written_by": "benchmark.py"}))
-        common.atomic_write(args.trace, write_trace)
+        outputs.atomic_write(args.trace, write_trace)
         print(f"trace written to {args.trace}")
     return result
 
@@ -551,7 +553,7 @@ def main(argv=None):
              "torch": torch.__version__, "torchvision": __import__("torchvision").__version__,
              "backbone": args.backbone, "shrink": args.shrink}
     if args.profile:
-        common.write_json(args.json, {**about, "profile": profile_case(args, device, args.profile)})
+        outputs.write_json(args.json, {**about, "profile": profile_case(args, device, args.profile)})
         print(f"written to {args.json}")
         return
     if args.scripts:  # the cases the scripts run, at their precision and layout
@@ -585,10 +587,10 @@ def main(argv=None):
                                                      for dataset in args.datasets}}
     if args.scripts:
         report["scripts"] = run_scripts(args, device, results)
-    common.write_json(args.json, report)
+    outputs.write_json(args.json, report)
     print_report(report)
     print(f"written to {args.json}")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    outputs.run_main(main)

@@ -1,19 +1,14 @@
-"""What two or more of the scripts share: files and output folders (one-line errors, atomic writes, locks, records,
-checkpoints), devices and processes, datasets and class lists, the model (DeepLabv3 with the auxiliary heads) and the
-metric. Training and its augmentation are stage1_train.py's, prediction is evaluate.py's."""
+"""What the scripts share about their data and their model: the datasets (PASCAL VOC with SBD's masks and the
+VOC-style exports, Cityscapes, your own folder) and their class lists; the model, DeepLabv3 with the auxiliary heads
+(and the CPU demo's tiny U-Net); whole-image prediction; the mIoU metric; devices and processes; and the one-line
+error that every user's mistake becomes. What the scripts write is outputs.py's; the training run, training.py's."""
 import concurrent.futures
 import contextlib
 import dataclasses
-import errno
-import fcntl
-import hashlib
-import json
 import math
 import os
 import random
 import re
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,56 +29,12 @@ BACKBONES = ["resnet101", "resnet50", "tiny_unet"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")  # lossless: JPEG changes a mask's values at edges
 MIN_SIDE = 8  # the shortest image side the models take (the tiny U-Net halves it three times)
-RECORD, LOCK = "run.json", "run.lock"  # in every output folder: what made it; while a command writes there: who
 
 
-# ============================================================================= files and output folders
+# ============================================================================= user errors and flags
 
 class UserError(Exception):
     """A mistake in the user's input or files, or a full disk: reported as one line, without a traceback."""
-
-
-interrupt_note = "the same command again starts over"  # what Ctrl-C prints; the scripts keep it true as they go
-held_locks = []  # (folder, lock file descriptor, whether this command made the folder)
-
-
-def run_main(main):
-    """Run a script's main(); a UserError (also one raised in a DataLoader worker) or an OSError becomes one line."""
-    try:
-        main()
-    except UserError as e:  # a worker's error comes with the worker's traceback in its text: keep the last line
-        sys.exit("error: " + str(e).strip().splitlines()[-1].split("UserError: ")[-1])
-    except OSError as e:  # a file that vanished or became unreadable after the checks at the start
-        sys.exit(f"error: {e.filename or 'a file'}: {e.strerror or str(e).strip().splitlines()[-1]}")
-    except KeyboardInterrupt:
-        sys.exit(f"interrupted: {interrupt_note}")
-    finally:
-        release_locks()
-        if dist.is_initialized():  # under torchrun: left to the interpreter's exit, its threads may abort the process
-            dist.destroy_process_group()
-
-
-def atomic_write(path, write_fn):
-    """Write a file through write_fn(temporary path), then rename it into place: never half a file. A failed write
-    (a full disk, a read-only folder) is one line naming the file, and leaves nothing half-written."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        advice = "free space on its disk" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix that"
-        raise UserError(f"cannot write {path}: {e.strerror or e}; {advice}, then run the same command again") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-
-
-def write_text(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_lines(path, numbered=False):
@@ -96,88 +47,6 @@ def read_lines(path, numbered=False):
     numbered_lines = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
     return numbered_lines if numbered else [line for _, line in numbered_lines]
 
-
-def is_inside(path, folder):
-    path, folder = os.path.realpath(path), os.path.realpath(folder).rstrip(os.sep)
-    return path == folder or path.startswith(folder + os.sep)
-
-
-def open_output(folder, flag, script, reads=()):
-    """Claim `script`'s output folder: refused inside what the command reads, if it holds another script's files,
-    or while another command writes there. Returns its record (None: new or empty)."""
-    for source in reads:
-        if is_inside(folder, source):
-            raise UserError(f"{flag} {folder} is inside {source}, which this command reads; choose a folder outside it")
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"{flag} {folder} is a file, not a folder")
-    if first := int(os.environ.get("RANK", 0)) == 0:  # under torchrun the first process claims it for the group
-        lock_folder(folder, flag)
-    if os.path.isfile(os.path.join(folder, RECORD)):
-        for path, _, names in os.walk(folder) if first else []:  # atomic_write's <file>.tmp<pid>: with the lock
-            for name in (name for name in names if re.search(r"\.tmp\d+$", name)):  # held, left by a killed write
-                os.remove(os.path.join(path, name))
-        return read_record(folder, flag, script)
-    others = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
-    if others:
-        raise UserError(f"{flag} {folder} holds files that {script} did not write ({others[0]}, ...); choose a new or "
-                        "empty folder")
-    return None
-
-
-def lock_folder(folder, flag):
-    """Hold `folder`'s lock until this process ends: another command writing there is refused, naming the process
-    that holds it. The kernel releases the lock of a process that ends, even killed: none is ever stale."""
-    created, path = not os.path.isdir(folder), os.path.join(folder, LOCK)
-    while True:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise UserError(f"{flag} {folder}: cannot write there ({e.strerror}); choose another folder") from None
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a process's own: its loader processes do not inherit it
-        except (BlockingIOError, PermissionError):
-            holder = os.read(fd, 400).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UserError(f"{flag} {folder} is in use by {holder}; wait for it to end, or choose another "
-                            "folder") from None
-        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
-            break  # else the process that held it removed it meanwhile: lock the new one
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]}), since {time.ctime()}".encode())
-    held_locks.append((folder, fd, created))
-
-
-def release_locks():
-    """Remove this command's lock files, and the folders it made and left empty."""
-    while held_locks:
-        folder, fd, created = held_locks.pop()
-        with contextlib.suppress(OSError):
-            os.remove(os.path.join(folder, LOCK))
-            if created:
-                os.rmdir(folder)  # only if empty
-        os.close(fd)
-
-
-def read_record(folder, flag, script):
-    try:
-        record = json.loads(Path(folder, RECORD).read_text())
-    except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict) or record.get("script") != script:
-        raise UserError(f"{flag} {folder} holds no outputs of {script} (its {RECORD} is missing, damaged or another "
-                        "script's); choose another folder")
-    return record
-
-
-def check_same_recipe(recorded, recipe, folder, advice):
-    """Refuse to continue or redo a run of another recipe in `folder`, naming the first setting that differs."""
-    for key in sorted(set(recorded) | set(recipe)):
-        if recorded.get(key) != recipe.get(key):
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{folder} was made with {flag} {recorded.get(key)}, this command asks for "
-                            f"{flag} {recipe.get(key)}; {advice}")
 
 
 def check_numbers(args, positive=(), at_least_zero=()):
@@ -198,30 +67,6 @@ def default_workers():
     """Data-loading processes: up to 8, no more than this process's share of the CPU cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_checkpoint(path, flag="--checkpoint"):
-    """(checkpoint, its path), from a file or a run folder, loaded without unpickling arbitrary objects."""
-    if os.path.isfile(os.path.join(path, "checkpoint.pt")):
-        path = os.path.join(path, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path} not found" + (" (a folder without checkpoint.pt)" * os.path.isdir(path)))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not a torch file, a pickle with foreign objects, a truncated file...
-        raise UserError(f"{flag} {path} is not a checkpoint of this project, or is damaged: it cannot be loaded "
-                        "with weights_only=True (nothing in it was unpickled)") from None
-    if not isinstance(checkpoint, dict) or {"model", "args", "labeled", "unlabeled", "class_names"} - set(checkpoint):
-        raise UserError(f"{flag} {path} is not a checkpoint of this project (stage1_train.py or stage3_multitask.py)")
-    return checkpoint, path
 
 
 # ============================================================================= devices and processes
@@ -566,12 +411,6 @@ def read_mask(path, num_classes=None, size=None, label_table=None, colours=None)
     return tv_tensors.Mask(torch.from_numpy(array.astype(np.uint8)))
 
 
-def save_mask_png(path, mask, palette):
-    image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
-    image.putpalette(palette)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
 class SegmentationDataset(torch.utils.data.Dataset):
     """(uint8 image, int64 mask, index) of a list of ids, through an optional joint transform. `masks` (id -> file:
     pseudo-masks) replaces the true ones; a missing mask is all 255 if masks_optional."""
@@ -630,8 +469,7 @@ class SegmentationModel(nn.Module):
 def build_model(backbone, num_classes, weights="imagenet", aux_head=None):
     """DeepLabv3 (torchvision's ResNet at output stride 8, its ASPP head) or the demo's tiny U-Net, from
     'imagenet' weights, 'coco' (the backbone of torchvision's COCO DeepLabv3, the paper's) or 'none'."""
-    if backbone == "tiny_unet":  # the CPU demo's model, defined beside the demo's data
-        from make_demo_data import TinyUNet, TinyUNetLastStage, tiny_head
+    if backbone == "tiny_unet":  # the CPU demo's model
         if weights != "none":
             raise UserError("--backbone tiny_unet has no pretrained weights: add --no-pretrained")
         lower, last_stage, width, make_head = TinyUNet(), TinyUNetLastStage(), 16, tiny_head
@@ -670,6 +508,108 @@ def resnet_backbone(backbone, weights):
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3), net.layer4
 
 
+# The CPU demo's model, split as the DeepLab models are (lower stages, last stage, head), so that both auxiliary
+# heads work unchanged: ĝ's last stage is a new last block half as wide.
+
+class TinyUNet(nn.Module):
+    """The CPU demo's U-Net (16-128 channels) but its last stage; returns (1/2-resolution features, full skip)."""
+
+    def __init__(self, widths=(16, 32, 64, 128)):
+        super().__init__()
+        self.down = nn.ModuleList(double_conv(a, b) for a, b in zip((3,) + widths[:-1], widths))
+        self.up = nn.ModuleList(double_conv(widths[i + 1] + widths[i], widths[i]) for i in range(1, len(widths) - 1))
+
+    def forward(self, x):
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for block, skip in zip(reversed(self.up), reversed(skips[1:-1])):
+            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+        return x, skips[0]
+
+
+class TinyUNetLastStage(nn.Module):
+    """The tiny U-Net's last block (ĝ's half as wide); each joins the skip itself (sharing it changes the rounding)."""
+
+    def __init__(self, out_channels=16):
+        super().__init__()
+        self.block = double_conv(32 + 16, out_channels)
+
+    def forward(self, features):
+        x, skip = features
+        return self.block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+
+
+def double_conv(in_channels, out_channels):
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True))
+
+
+def tiny_head(in_channels, num_classes):
+    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True),
+                         nn.Conv2d(32, num_classes, 1))
+
+
+def final_weights(checkpoint):
+    """The weights a checkpoint stands for: its mean teacher's (a multi-task stage's; the paper's final model is the
+    teacher's main head), else its model's."""
+    return checkpoint.get("teacher", checkpoint["model"])
+
+
+def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
+    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
+    args = checkpoint["args"]
+    model = build_model(args["backbone"], len(checkpoint["class_names"]), "none", args.get("aux_head"))
+    try:
+        model.load_state_dict(final_weights(checkpoint))
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not fit a {args['backbone']} model with "
+                        f"{len(checkpoint['class_names'])} classes; the checkpoint is damaged or from another "
+                        "version") from None
+    model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
+
+
+# ============================================================================= predicting whole images
+# Validation during training, the pseudo-masks and evaluate.py all predict whole images this way.
+
+def image_size(path):
+    """(height, width) of an image as read_image gives it, from its header alone (EXIF orientations 5-8 swap
+    the sides)."""
+    try:
+        with Image.open(path) as image:
+            return image.size if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size[::-1]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
+    """Whole images in batches of one size (ASPP's image pooling would average over padding), every world-th from
+    `rank`; resized by `scale`, each must keep MIN_SIDE pixels a side."""
+    by_size = {}
+    for index in range(rank, len(dataset.ids), world):
+        path = dataset.description.images[dataset.ids[index]]
+        size = image_size(path)
+        if min(size) * scale < MIN_SIDE:
+            raise UserError(f"image {path} is {size[1]}x{size[0]}: at scale {scale:g} too small for the model "
+                            f"(at least {MIN_SIDE} pixels a side); check --image-scale")
+        by_size.setdefault(size, []).append(index)
+    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,  # a generator of its own:
+                                       pin_memory=torch.cuda.is_available(), generator=torch.Generator())  # see train
+
+
+@torch.no_grad()
+def image_probs(model, images, scale=1.0, amp=False, head=0):
+    """Class probabilities (head 1: the auxiliary head's) of whole images, the model seeing them at `scale`."""
+    resized = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False), autocast(images.device, amp):  # sizes vary
+        out = (model(resized, with_aux=True)[1] if head == 1 else model(resized)).float()
+    return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
+
+
 # ============================================================================= the metric
 
 class ConfusionMatrix:
@@ -697,3 +637,11 @@ class ConfusionMatrix:
     def report(self, class_names):
         per_class = {name: None if math.isnan(x) else x for name, x in zip(class_names, self.iou())}
         return {"miou": self.miou(), "per_class": per_class}
+
+
+def iou_table(confusion, class_names):
+    """A confusion matrix's per-class IoU and mIoU, a line each."""
+    width = max(len(name) for name in class_names)
+    lines = [f"  {name:<{width}}  " + ("   n/a" if math.isnan(x) else f"{x:6.2f}")
+             for name, x in zip(class_names, confusion.iou())]
+    return "\n".join(lines + [f"  {'mIoU':<{width}}  {confusion.miou():6.2f}"])

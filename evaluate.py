@@ -24,7 +24,6 @@ An image that cannot be read or predicted is named and skipped, and the exit sta
 import argparse
 import collections
 import json
-import math
 import os
 import re
 import sys
@@ -33,10 +32,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import common
+import outputs
+from common import UserError
 
 
 def get_args(argv=None):
@@ -69,48 +69,18 @@ def get_args(argv=None):
 def check_args(args):
     common.check_numbers(args, positive=("batch_size", "scales", "window", "stride"), at_least_zero=("workers",))
     if args.window and min(args.window) < common.MIN_SIDE:
-        raise common.UserError(f"--window must be at least {common.MIN_SIDE} pixels a side")
+        raise UserError(f"--window must be at least {common.MIN_SIDE} pixels a side")
     if args.stride and not args.window:
-        raise common.UserError("--stride needs --window")
+        raise UserError("--stride needs --window")
     args.stride = args.stride or (args.window and [max(1, 2 * side // 3) for side in args.window])
     if args.images and (not args.save_dir or args.json or args.compare):
-        raise common.UserError("--images needs --save-dir, the folder its predictions are written to (and no --json "
-                               "or --compare)")
+        raise UserError("--images needs --save-dir, the folder its predictions are written to (and no --json "
+                        "or --compare)")
     if args.images and not os.path.exists(args.images):
-        raise common.UserError(f"--images {args.images} not found")
+        raise UserError(f"--images {args.images} not found")
 
 
-# ============================================================================= predicting whole images
-# Also stage 1's and the multi-task stage's validation, and stage 2's pseudo-masks.
-
-def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):
-    """Whole images in batches of one size (ASPP's image pooling would average over padding), every world-th from
-    `rank`; resized by `scale`, each must keep MIN_SIDE pixels a side."""
-    by_size = {}
-    for index in range(rank, len(dataset.ids), world):
-        path = dataset.description.images[dataset.ids[index]]
-        try:
-            with Image.open(path) as image:  # the header alone; EXIF orientations 5-8 swap the sides
-                size = image.size if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size[::-1]
-        except (OSError, ValueError, SyntaxError) as e:
-            raise common.UserError(f"cannot read image {path}: {e}") from None
-        if min(size) * scale < common.MIN_SIDE:
-            raise common.UserError(f"image {path} is {size[1]}x{size[0]}: at scale {scale:g} too small for the model "
-                                   f"(at least {common.MIN_SIDE} pixels a side); check --image-scale")
-        by_size.setdefault(size, []).append(index)
-    batches = [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,  # a generator of its own:
-                                       pin_memory=torch.cuda.is_available(), generator=torch.Generator())  # see train
-
-
-@torch.no_grad()
-def image_probs(model, images, scale=1.0, amp=False, head=0):
-    """Class probabilities (head 1: the auxiliary head's) of whole images, the model seeing them at `scale`."""
-    resized = images if scale == 1 else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False), common.autocast(images.device, amp):  # sizes vary
-        out = (model(resized, with_aux=True)[1] if head == 1 else model(resized)).float()
-    return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False).softmax(1)
-
+# ============================================================================= test-time augmentation and tiles
 
 def window_starts(size, window, stride):
     """Tile positions along one side: every `stride`, the last one flush with the end."""
@@ -141,73 +111,10 @@ def predict(model, images, args, scale):
     for s in args.scales:
         for flip in [False, True] if args.flip else [False]:
             x = images.flip(-1) if flip else images
-            p = window_probs(model, x, args, scale * s) if args.window else image_probs(model, x, scale * s, args.amp)
+            p = (window_probs(model, x, args, scale * s) if args.window else
+                 common.image_probs(model, x, scale * s, args.amp))
             probs = probs + (p.flip(-1) if flip else p)
     return probs / (len(args.scales) * (2 if args.flip else 1))
-
-
-def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
-    """The checkpoint's model (its mean teacher where it has one) on the device, in eval mode."""
-    args = checkpoint["args"]
-    model = common.build_model(args["backbone"], len(checkpoint["class_names"]), "none", args.get("aux_head"))
-    try:
-        model.load_state_dict(checkpoint.get("teacher", checkpoint["model"]))
-    except RuntimeError:
-        raise common.UserError(f"{path}: its weights do not fit a {args['backbone']} model with "
-                               f"{len(checkpoint['class_names'])} classes; the checkpoint is damaged or from another "
-                               "version") from None
-    model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model  # the tensor cores' layout
-
-
-def iou_table(confusion, class_names):
-    """A confusion matrix's per-class IoU and mIoU, a line each."""
-    width = max(len(name) for name in class_names)
-    lines = [f"  {name:<{width}}  " + ("   n/a" if math.isnan(x) else f"{x:6.2f}")
-             for name, x in zip(class_names, confusion.iou())]
-    return "\n".join(lines + [f"  {'mIoU':<{width}}  {confusion.miou():6.2f}"])
-
-
-# ============================================================================= pictures
-# Also stage 2's contact sheets.
-
-def overlay(image, mask, palette, alpha=0.45):
-    """An image with each class of the mask (background too) tinted in its palette colour and outlined in it, so
-    that neighbouring classes stay apart on colourful images; 255 (ignore) white."""
-    classes = [int(c) for c in mask.unique()]
-    if not classes:
-        return image
-    colours = [(255, 255, 255) if c == common.IGNORE else tuple(palette[3 * c:3 * c + 3]) for c in classes]
-    regions = torch.stack([mask == c for c in classes])
-    inner = -F.max_pool2d(-regions[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0  # eroded by a pixel
-    tinted = torchvision.utils.draw_segmentation_masks(image, regions, alpha, colours)
-    return torchvision.utils.draw_segmentation_masks(tinted, regions & ~inner, 1.0, colours)
-
-
-def with_legend(picture, classes, names, palette):
-    """A PIL picture with a legend below it: a swatch in its colour and the name of each class in `classes`."""
-    font = ImageFont.load_default()
-    entries = [("ignore (255)" if c == common.IGNORE else names[c],
-                (255, 255, 255) if c == common.IGNORE else tuple(palette[3 * c:3 * c + 3])) for c in classes]
-    width = max(picture.width, 320)
-    measure = ImageDraw.Draw(picture)
-    rows, row, x = [], [], 4
-    for name, colour in entries:  # wrap the entries into rows as wide as the picture
-        size = 18 + measure.textbbox((0, 0), name, font=font)[2] + 12
-        if row and x + size > width:
-            rows, row, x = rows + [row], [], 4
-        row.append((x, name, colour))
-        x += size
-    rows += [row] if row else []
-    sheet = Image.new("RGB", (width, picture.height + 18 * len(rows) + 6), "white")
-    sheet.paste(picture, (0, 0))
-    draw = ImageDraw.Draw(sheet)
-    for r, row in enumerate(rows):
-        y = picture.height + 4 + 18 * r
-        for x, name, colour in row:
-            draw.rectangle([x, y + 2, x + 12, y + 14], fill=colour, outline="black")
-            draw.text((x + 18, y + 2), name, fill="black", font=font)
-    return sheet
 
 
 # ============================================================================= evaluate.py
@@ -215,8 +122,8 @@ def with_legend(picture, classes, names, palette):
 def evaluate_val(model, description, args, device, scale, save=False):
     """The val set's confusion matrix (every process its share), the predictions saved if asked."""
     dataset = common.SegmentationDataset(description, description.val_ids)
-    loader = full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size,
-                               scale * min(args.scales))
+    loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size,
+                                      scale * min(args.scales))
     confusion = common.ConfusionMatrix(len(description.class_names))
     for images, masks, indices in loader:
         images = common.images_to_device(images, device, device.type == "cuda")
@@ -225,15 +132,9 @@ def evaluate_val(model, description, args, device, scale, save=False):
         for index, prediction in zip(indices.tolist(), predictions.cpu().numpy() if save else []):
             path = os.path.join(args.save_dir, f"{dataset.ids[index]}.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)  # your own data's ids may have folders in them
-            common.save_mask_png(path, prediction, description.palette)
+            outputs.save_mask_png(path, prediction, description.palette)
     confusion.matrix = common.sum_over_processes(confusion.matrix)
     return confusion
-
-
-def clashing(names, suffixes):
-    """The names whose output files (name + a suffix) would also be a folder of another output."""
-    folders = {str(parent) for name in names for parent in Path(name).parents}
-    return [name for name in names if any(name + suffix in folders for suffix in suffixes)]
 
 
 def output_names(files, root):
@@ -242,13 +143,13 @@ def output_names(files, root):
     full = [os.path.relpath(path, root) for path in files]
     names = [os.path.splitext(name)[0] for name in full]
     while True:
-        counts, bad = collections.Counter(names), set(clashing(names, [".png", "_overlay.jpg"]))
+        counts, bad = collections.Counter(names), set(outputs.clashing(names, [".png", "_overlay.jpg"]))
         clash = [i for i, name in enumerate(names) if counts[name] > 1 or name in bad]
         if not clash:
             return names
         if all(names[i] == full[i] for i in clash):
-            raise common.UserError(f"--images: {files[clash[0]]} and another image would write the same file; "
-                                   "rename one of them")
+            raise UserError(f"--images: {files[clash[0]]} and another image would write the same file; "
+                            "rename one of them")
         for i in clash:
             names[i] = full[i]
 
@@ -259,17 +160,17 @@ def predict_images(model, args, device, scale, checkpoint):
     root = args.images if os.path.isdir(args.images) else os.path.dirname(args.images)
     files = common.list_images(args.images) if os.path.isdir(args.images) else [args.images]
     if not files:
-        raise common.UserError(f"--images {args.images} holds no image ({', '.join(common.IMAGE_EXTENSIONS)})")
+        raise UserError(f"--images {args.images} holds no image ({', '.join(common.IMAGE_EXTENSIONS)})")
     palette, skipped = checkpoint.get("palette", common.colour_palette()), 0
     for path, name in list(zip(files, output_names(files, root)))[args.rank::args.world_size]:
         try:
             image = common.read_image(path)
             if min(image.shape[-2:]) * scale * min(args.scales) < common.MIN_SIDE:
-                raise common.UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model (at "
-                                       f"least {common.MIN_SIDE} pixels a side at scale {scale * min(args.scales):g})")
+                raise UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model (at "
+                                f"least {common.MIN_SIDE} pixels a side at scale {scale * min(args.scales):g})")
             prediction = predict(model, common.images_to_device(image[None], device, device.type == "cuda"), args,
                                  scale).argmax(1)[0].cpu()
-        except common.UserError as e:
+        except UserError as e:
             print(f"skipped: {e}", file=sys.stderr, flush=True)
             skipped += 1
             continue
@@ -279,29 +180,29 @@ def predict_images(model, args, device, scale, checkpoint):
             skipped += 1
             continue
         os.makedirs(os.path.dirname(os.path.join(args.save_dir, name)), exist_ok=True)
-        common.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
-        picture = overlay(image.as_subclass(torch.Tensor), prediction, palette)
+        outputs.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
+        picture = outputs.overlay(image.as_subclass(torch.Tensor), prediction, palette)
         picture = Image.fromarray(picture.permute(1, 2, 0).numpy())
         zoom = max(1, 320 // max(picture.size))  # a small image enlarged, its pixels kept sharp
         picture = picture.resize((picture.width * zoom, picture.height * zoom), Image.NEAREST)
-        picture = with_legend(picture, prediction.unique().tolist(), checkpoint["class_names"], palette)
-        common.atomic_write(os.path.join(args.save_dir, f"{name}_overlay.jpg"),
-                            lambda tmp: picture.save(tmp, format="JPEG", quality=90))
+        picture = outputs.with_legend(picture, prediction.unique().tolist(), checkpoint["class_names"], palette)
+        outputs.atomic_write(os.path.join(args.save_dir, f"{name}_overlay.jpg"),
+                             lambda tmp: picture.save(tmp, format="JPEG", quality=90))
     return len(files), int(common.sum_over_processes(torch.tensor(skipped)))
 
 
 def claim_save_dir(args, checkpoint_path, source):
     """--save-dir: a new or empty folder, or one this script wrote with the same checkpoint, images and options
     (its predictions are then written again); never inside the folder it reads."""
-    recipe = {"checkpoint": "sha256:" + common.file_sha256(checkpoint_path)[:16], "images": os.path.realpath(source),
+    recipe = {"checkpoint": outputs.fingerprint(checkpoint_path), "images": os.path.realpath(source),
               "flip": args.flip, "scales": args.scales, "window": args.window, "stride": args.stride}
-    record = common.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=[source])
+    record = outputs.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=[source])
     if record is not None:
-        common.check_same_recipe(record["recipe"], recipe, args.save_dir, "use another --save-dir")
+        outputs.check_same_recipe(record["recipe"], recipe, args.save_dir, "use another --save-dir")
     if args.distributed:
         dist.barrier()  # every process has looked at --save-dir before the first one writes there
     if common.is_main_process():
-        common.write_json(os.path.join(args.save_dir, common.RECORD), {
+        outputs.write_json(os.path.join(args.save_dir, outputs.RECORD), {
             "script": "evaluate.py", "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path)})
     if args.distributed:
         dist.barrier()
@@ -311,14 +212,14 @@ def check_result_file(path, flag, script, reads=()):
     """A JSON result file: new, or one `script` wrote ("written_by"); never inside a folder the command reads;
     writable, which is checked now rather than after the long pass that makes it. A temporary file that a killed
     write of it left is removed."""
-    if os.path.isdir(path) or any(common.is_inside(path, folder) for folder in reads):
-        raise common.UserError(f"{flag} {path} is a folder, or inside the data it reads; choose another file")
+    if os.path.isdir(path) or any(outputs.is_inside(path, folder) for folder in reads):
+        raise UserError(f"{flag} {path} is a folder, or inside the data it reads; choose another file")
     try:
         ours = json.loads(Path(path).read_text()).get("written_by") == script if os.path.exists(path) else True
     except (ValueError, AttributeError, OSError):
         ours = False
     if not ours:
-        raise common.UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
+        raise UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
     folder = os.path.dirname(path) or "."
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         pid = re.fullmatch(re.escape(os.path.basename(path)) + r"\.tmp(\d+)", name)  # atomic_write's temporary
@@ -328,10 +229,10 @@ def check_result_file(path, flag, script, reads=()):
             os.remove(os.path.join(folder, name))
     try:
         os.makedirs(folder, exist_ok=True)
-        common.write_text(f"{path}.tmp{os.getpid()}", "")
+        outputs.write_text(f"{path}.tmp{os.getpid()}", "")
         os.remove(f"{path}.tmp{os.getpid()}")
-    except (OSError, common.UserError):
-        raise common.UserError(f"{flag} {path} cannot be written; choose another file") from None
+    except (OSError, UserError):
+        raise UserError(f"{flag} {path} cannot be written; choose another file") from None
 
 
 @torch.no_grad()
@@ -339,40 +240,40 @@ def main(argv=None):
     args = get_args(argv)
     check_args(args)
     device = common.init_distributed_mode(args)
-    checkpoint, path = common.load_checkpoint(args.checkpoint)
-    model = model_from_checkpoint(checkpoint, path, device)
+    checkpoint, path = outputs.load_checkpoint(args.checkpoint)
+    model = common.model_from_checkpoint(checkpoint, path, device)
     scale = checkpoint["args"].get("image_scale", 1.0)
     which = f"{path} ({'teacher' if 'teacher' in checkpoint else 'model'}, step {checkpoint['step']})"
 
     if args.images:
         claim_save_dir(args, path, args.images)
-        common.interrupt_note = "the predictions written so far are whole; the same command predicts every image again"
+        outputs.interrupt_note = "the predictions written so far are whole; the same command predicts every image again"
         total, skipped = predict_images(model, args, device, scale, checkpoint)
         print(f"predicted {total - skipped} of {total} images of {args.images} with {which}; written to "
               f"{args.save_dir}")
         if skipped:
-            raise common.UserError(f"{skipped} of {total} images of {args.images} could not be predicted (named above)")
+            raise UserError(f"{skipped} of {total} images of {args.images} could not be predicted (named above)")
         return
 
     description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
-    others = [common.load_checkpoint(other, "--compare") for other in args.compare]
+    others = [outputs.load_checkpoint(other, "--compare") for other in args.compare]
     for other, other_path in [(checkpoint, path)] + others:
         if len(other["class_names"]) != len(description.class_names):
-            raise common.UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} "
-                                   f"has {len(description.class_names)}; is it the right --data-root?")
-    models = [model_from_checkpoint(other, other_path, device) for other, other_path in others]  # checked now
+            raise UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} "
+                            f"has {len(description.class_names)}; is it the right --data-root?")
+    models = [common.model_from_checkpoint(other, other_path, device) for other, other_path in others]  # checked now
     if args.json:
         check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])
     if args.save_dir:
-        clash = clashing(description.val_ids, [".png"])
+        clash = outputs.clashing(description.val_ids, [".png"])
         if clash:
-            raise common.UserError(f"the val image {clash[0]} would be written both as {clash[0]}.png and as a folder "
-                                   f"of another's prediction; rename the folder {clash[0]}.png")
+            raise UserError(f"the val image {clash[0]} would be written both as {clash[0]}.png and as a folder "
+                            f"of another's prediction; rename the folder {clash[0]}.png")
         claim_save_dir(args, path, description.root)
-    common.interrupt_note = "nothing of the evaluation is kept but whole predictions; the same command evaluates again"
+    outputs.interrupt_note = "nothing of the evaluation is kept but whole predictions; the same command evaluates again"
     confusion = evaluate_val(model, description, args, device, scale, save=bool(args.save_dir))
     print(f"{which} on {len(description.val_ids)} val images of {description.root}:\n"
-          f"{iou_table(confusion, description.class_names)}")
+          f"{common.iou_table(confusion, description.class_names)}")
     result = {"written_by": "evaluate.py", "checkpoint": os.path.abspath(path), "step": checkpoint["step"],
               **confusion.report(description.class_names), "compare": {}}
     for (other, other_path), other_model in zip(others, models):
@@ -387,8 +288,8 @@ def main(argv=None):
         for (_, other_path), r in zip(others, result["compare"].values()):
             print(f"{other_path:<{width}}{r['miou']:10.2f}{r['gain']:+10.2f}")
     if args.json and common.is_main_process():
-        common.write_json(args.json, result)
+        outputs.write_json(args.json, result)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    outputs.run_main(main)

@@ -1,5 +1,5 @@
-"""The offline demo: writes its synthetic dataset (no download needed), in the VOC layout or in the
-layout of your own data, and defines its model, a tiny U-Net (--backbone tiny_unet of the scripts).
+"""The offline demo's data: writes its synthetic dataset (no download needed), in the VOC layout or in the
+layout of your own data. (Its model, the tiny U-Net of --backbone tiny_unet, is in common.py with the others.)
 
     python make_demo_data.py --out data/demo/VOC2012
     python make_demo_data.py --layout folder --out data/demo_folder
@@ -26,12 +26,10 @@ import argparse
 import os
 
 import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 import common
+import outputs
 
 CLASSES = ["background", "disk", "square", "triangle", "ring", "cross"]
 # Eight colours for every object, background and clutter line, whatever the class: 64 labelled
@@ -135,65 +133,20 @@ def make_sample(rng, size, field, any_colour=False):
     return image, mask
 
 
-# ============================================================================= the demo's model
-# common.build_model(backbone="tiny_unet") builds it, split as the DeepLab models are (lower stages, last stage,
-# head), so that both auxiliary heads work unchanged: ĝ is a new last block half as wide.
-
-class TinyUNet(nn.Module):
-    """The CPU demo's U-Net (16-128 channels) but its last stage; returns (1/2-resolution features, full skip)."""
-
-    def __init__(self, widths=(16, 32, 64, 128)):
-        super().__init__()
-        self.down = nn.ModuleList(double_conv(a, b) for a, b in zip((3,) + widths[:-1], widths))
-        self.up = nn.ModuleList(double_conv(widths[i + 1] + widths[i], widths[i]) for i in range(1, len(widths) - 1))
-
-    def forward(self, x):
-        skips = []
-        for i, block in enumerate(self.down):
-            x = block(x if i == 0 else F.max_pool2d(x, 2))
-            skips.append(x)
-        for block, skip in zip(reversed(self.up), reversed(skips[1:-1])):
-            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
-        return x, skips[0]
-
-
-class TinyUNetLastStage(nn.Module):
-    """The tiny U-Net's last block (ĝ's half as wide); each joins the skip itself (sharing it changes the rounding)."""
-
-    def __init__(self, out_channels=16):
-        super().__init__()
-        self.block = double_conv(32 + 16, out_channels)
-
-    def forward(self, features):
-        x, skip = features
-        return self.block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
-
-
-def double_conv(in_channels, out_channels):
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True),
-        nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(True))
-
-
-def tiny_head(in_channels, num_classes):
-    return nn.Sequential(nn.Conv2d(in_channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(True),
-                         nn.Conv2d(32, num_classes, 1))
-
-
 def main(argv=None):
     args = get_args(argv)
     common.check_numbers(args, positive=("train", "train_txt", "val", "size"), at_least_zero=("seed",))
     if not 1 <= args.train_txt <= args.train or args.size < 16:
         raise common.UserError("--train-txt must be from 1 to --train, and --size at least 16")
-    recipe = {**{k: v for k, v in vars(args).items() if k != "out"}, "code": common.file_sha256(__file__)[:16]}
-    finished = all(os.path.isfile(os.path.join(args.out, name)) for name in [common.RECORD, "classes.txt"])
-    record = (common.read_record if finished else common.open_output)(args.out, "--out", "make_demo_data.py")
+    recipe = {**{k: v for k, v in vars(args).items() if k != "out"}, "code": outputs.file_sha256(__file__)[:16]}
+    finished = all(os.path.isfile(os.path.join(args.out, name)) for name in [outputs.RECORD, "classes.txt"])
+    record = (outputs.read_record if finished else outputs.open_output)(args.out, "--out", "make_demo_data.py")
     if finished:  # classes.txt comes last; only read, so demos started side by side do not wait for each other
-        common.check_same_recipe(record["recipe"], recipe, args.out,
-                                 "delete it to write it again, or choose another --out")
+        outputs.check_same_recipe(record["recipe"], recipe, args.out,
+                                  "delete it to write it again, or choose another --out")
         print(f"{args.out} exists; not rewritten")
         return
-    common.write_json(os.path.join(args.out, common.RECORD), {"script": "make_demo_data.py", "recipe": recipe})
+    outputs.write_json(os.path.join(args.out, outputs.RECORD), {"script": "make_demo_data.py", "recipe": recipe})
     voc = args.layout == "voc"
     folders = ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation", "ImageSets/SegmentationAug"]
     for folder in folders if voc else ["images", "masks"]:
@@ -207,18 +160,18 @@ def main(argv=None):
         Image.fromarray(image).save(os.path.join(args.out, "JPEGImages" if voc else "images", f"{image_id}.jpg"),
                                     quality=95)
         if voc or index < args.train_txt or index >= args.train:  # your own data: masks for the pool and val only
-            common.save_mask_png(os.path.join(args.out, "SegmentationClass" if voc else "masks", f"{image_id}.png"),
-                                 mask,
-                                 common.colour_palette())
+            outputs.save_mask_png(os.path.join(args.out, "SegmentationClass" if voc else "masks", f"{image_id}.png"),
+                                  mask,
+                                  common.colour_palette())
     lists = [("ImageSets/Segmentation/train.txt", train[:args.train_txt]),
              ("ImageSets/SegmentationAug/train_aug.txt", train),
              ("ImageSets/Segmentation/val.txt", val)] if voc else [("val.txt", val)]
     for name, ids in lists:
-        common.write_text(os.path.join(args.out, name), "".join(f"{i}\n" for i in ids))
-    common.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: it is done
+        outputs.write_text(os.path.join(args.out, name), "".join(f"{i}\n" for i in ids))
+    outputs.write_text(os.path.join(args.out, "classes.txt"), "".join(f"{c}\n" for c in CLASSES))  # last: it is done
     print(f"wrote {args.train} training images ({args.train_txt} in the labelled pool) and {args.val} val images to "
           f"{args.out}, in the {args.layout} layout" + (", with field variety" if args.field_variety else ""))
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    outputs.run_main(main)

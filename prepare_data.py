@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 import common
+import outputs
 
 SCRIPT = "prepare_data.py"
 
@@ -75,7 +76,7 @@ def link(source, target):
         try:
             os.symlink(os.path.abspath(source), target)
         except OSError:
-            common.atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+            outputs.atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
 
 
 # ============================================================================= the formats
@@ -139,7 +140,7 @@ def jpeg_masks(source):
     def thresholded(path):  # a grey PNG: a viewer shows the values as they were given
         def write(target):
             mask = np.where(np.asarray(Image.open(path).convert("L")) > (low + high) / 2, value, 0).astype(np.uint8)
-            common.atomic_write(target, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
+            outputs.atomic_write(target, lambda tmp: Image.fromarray(mask).save(tmp, format="PNG"))
         return write
     classes_txt, val_txt = os.path.join(source, "classes.txt"), os.path.join(source, "val.txt")
     val = [common.image_id_of(line, images) for line in common.read_lines(val_txt)] if os.path.isfile(val_txt) else []
@@ -208,7 +209,7 @@ def draw_coco(annotations, height, width):
             region = coco_region(a["segmentation"], height, width)
             classes[region], count = index[a["category_id"]], count + region
         classes[count > 1] = common.IGNORE
-        common.save_mask_png(target, classes, common.colour_palette())
+        outputs.save_mask_png(target, classes, common.colour_palette())
     return write
 
 
@@ -250,14 +251,14 @@ def main(argv=None):
     if orphan:
         raise common.UserError(f"{orphan[1]}: a mask without its image ({orphan[0]}) in {args.source}")
     recipe = {"source": os.path.realpath(args.source), "format": kind}
-    record = common.open_output(args.out, "--out", SCRIPT, reads=[args.source])
+    record = outputs.open_output(args.out, "--out", SCRIPT, reads=[args.source])
     if record is not None:
-        common.check_same_recipe(record["recipe"], recipe, args.out, "choose another --out")
+        outputs.check_same_recipe(record["recipe"], recipe, args.out, "choose another --out")
         if record.get("finished"):
             print(f"{args.out} holds {args.source} in the scripts' layout already: nothing to do")
             return
-    common.write_json(os.path.join(args.out, common.RECORD), {"script": SCRIPT, "recipe": recipe, "finished": False})
-    common.interrupt_note = "what is written is whole; the same command finishes it"
+    outputs.write_json(os.path.join(args.out, outputs.RECORD), {"script": SCRIPT, "recipe": recipe, "finished": False})
+    outputs.interrupt_note = "what is written is whole; the same command finishes it"
     for image_id, path in images.items():
         link(path, os.path.join(args.out, "images", image_id + os.path.splitext(path)[1].lower()))
     for image_id, (path, how) in masks.items():
@@ -269,14 +270,14 @@ def main(argv=None):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             how(target)
     if classes:
-        common.write_text(os.path.join(args.out, "classes.txt"), "".join(line + "\n" for line in classes))
+        outputs.write_text(os.path.join(args.out, "classes.txt"), "".join(line + "\n" for line in classes))
     if val:
-        common.write_text(os.path.join(args.out, "val.txt"), "".join(f"{i}\n" for i in sorted(val)))
-    common.write_json(os.path.join(args.out, common.RECORD), {"script": SCRIPT, "recipe": recipe, "finished": True})
+        outputs.write_text(os.path.join(args.out, "val.txt"), "".join(f"{i}\n" for i in sorted(val)))
+    outputs.write_json(os.path.join(args.out, outputs.RECORD), {"script": SCRIPT, "recipe": recipe, "finished": True})
     print(f"{kind}: {len(images)} images, {len(masks)} masks, {len(val) or 'no'} val images listed"
           + (f", {len(classes)} lines in classes.txt" if classes else "") + f"; written to {args.out}", *notes,
           sep="\n")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    outputs.run_main(main)

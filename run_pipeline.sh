@@ -82,12 +82,13 @@ COMPARE=("$OUT/stage1")
 if [[ "${CONTROL:-0}" == 1 ]]; then
     # Supervised only, as long as the three stages together: stage 1's recipe without S (the
     # paper's stage 1, even where the method's stage 1 had S), then the same with S.
-    ITERS=$(python -c 'import json, sys; print(sum(json.load(open(p))["step"] for p in sys.argv[1:]))' "$OUT"/stage{1,2,3}/metrics.json)
+    ITERS=$(python -c 'import json, sys; print(sum(json.load(open(p))["step"] for p in sys.argv[1:]))' \
+        "$OUT"/stage{1,2,3}/metrics.json)
     PLAIN=()
     for flag in "${STAGE1_EXTRA_FLAGS[@]}"; do [[ "$flag" == --strong-aug ]] || PLAIN+=("$flag"); done
-    run python "${S}stage1_train.py" "${SPLIT[@]}" "${TRAIN[@]}" "${STAGE1[@]}" "${PLAIN[@]}" --iters "$ITERS" --out "$OUT/control"
-    run python "${S}stage1_train.py" "${SPLIT[@]}" "${TRAIN[@]}" "${STAGE1[@]}" "${PLAIN[@]}" --iters "$ITERS" --strong-aug \
-        --out "$OUT/control_strong"
+    CONTROL_FLAGS=("${SPLIT[@]}" "${TRAIN[@]}" "${STAGE1[@]}" "${PLAIN[@]}" --iters "$ITERS")
+    run python "${S}stage1_train.py" "${CONTROL_FLAGS[@]}" --out "$OUT/control"
+    run python "${S}stage1_train.py" "${CONTROL_FLAGS[@]}" --strong-aug --out "$OUT/control_strong"
     COMPARE+=("$OUT/control" "$OUT/control_strong")
 fi
 run python "${S}evaluate.py" --checkpoint "$OUT/stage3" --compare "${COMPARE[@]}" --json "$OUT/summary.json" "${CPU[@]}"

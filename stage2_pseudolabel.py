@@ -48,7 +48,8 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 import common
-import evaluate  # the checkpoint's model, whole-image prediction and the pictures, as evaluate.py's
+import outputs
+from common import UserError
 
 BINS = 10  # of max-probability over [0, 1]
 CONFIDENT = 0.9
@@ -249,8 +250,8 @@ def write_sheet(path, titles, rows, captions, description, size=160):
             mode = v2.InterpolationMode.NEAREST if scale > 1 else v2.InterpolationMode.BILINEAR
             thumb = v2.functional.resize(panel, shape, interpolation=mode, antialias=True)
             sheet.paste(Image.fromarray(thumb.permute(1, 2, 0).numpy()), (4 + c * (size + 4), y + 16))
-    sheet = evaluate.with_legend(sheet, sorted(classes), description.class_names, description.palette)
-    common.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    sheet = outputs.with_legend(sheet, sorted(classes), description.class_names, description.palette)
+    outputs.atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 def image_and_masks(description, image_id, folders):
@@ -258,137 +259,120 @@ def image_and_masks(description, image_id, folders):
     then its pseudo-mask in each folder."""
     image = common.read_image(description.images[image_id]).as_subclass(torch.Tensor)
     truth = common.SegmentationDataset(description, [image_id], masks_optional=True)[0][1]
-    pseudo = [torch.from_numpy(np.array(Image.open(pseudo_mask(folder, image_id)))) for folder in folders]
+    pseudo = [torch.from_numpy(np.array(Image.open(outputs.pseudo_mask_path(folder, image_id)))) for folder in folders]
     no_truth = (image // 4 + 190, None) if not description.masks.get(image_id) else None
-    return [(image, None), no_truth or (evaluate.overlay(image, truth, description.palette), truth)] + [
-        (evaluate.overlay(image, mask, description.palette), mask) for mask in pseudo]
+    return [(image, None), no_truth or (outputs.overlay(image, truth, description.palette), truth)] + [
+        (outputs.overlay(image, mask, description.palette), mask) for mask in pseudo]
 
 
 def read_round(folder, labeled, data_root):
     """The unlabelled images' figures of an earlier round, which must be of the same split and data."""
-    record = common.read_record(folder, "--previous", SCRIPT)
+    record = outputs.read_record(folder, "--previous", SCRIPT)
     if not os.path.exists(os.path.join(folder, "stats.json")):
-        raise common.UserError(f"--previous {folder} is unfinished: run the {SCRIPT} command that made it again")
+        raise UserError(f"--previous {folder} is unfinished: run the {SCRIPT} command that made it again")
     same_split = common.read_lines(os.path.join(folder, "labeled.txt")) == sorted(labeled)
     if record["recipe"]["data_root"] != data_root or not same_split:
-        raise common.UserError(f"--previous {folder} was made on other data or another split than --checkpoint's")
+        raise UserError(f"--previous {folder} was made on other data or another split than --checkpoint's")
     if not os.path.isdir(os.path.join(folder, "masks")):
-        raise common.UserError(f"--previous {folder} was written by an earlier version (no masks/ folder); make it "
-                               "again with this one")
+        raise UserError(f"--previous {folder} was written by an earlier version (no masks/ folder); make it "
+                        "again with this one")
     return json.loads(open(os.path.join(folder, "stats.json")).read())["unlabeled"]
 
 
-def pseudo_mask(folder, image_id):
-    return os.path.join(folder, "masks", f"{image_id}.png")
+def image_files(out, image_id, confidence=True):
+    """The files this script writes for one image, the pseudo-mask last: its presence says the image is done."""
+    return ([os.path.join(out, "image_stats", f"{image_id}.npy")]
+            + [os.path.join(out, "confidence", f"{image_id}.png")] * confidence
+            + [outputs.pseudo_mask_path(out, image_id)])
+
+
+def check_data(checkpoint, path, description):
+    """The checkpoint's classes and split must be the dataset's; every image's files must have a place."""
+    class_names, ids = checkpoint["class_names"], checkpoint["labeled"] + checkpoint["unlabeled"]
+    if len(description.class_names) != len(class_names):
+        raise UserError(f"{path} predicts {len(class_names)} classes but {description.root} has "
+                        f"{len(description.class_names)}; is it the right --data-root?")
+    training = set(description.train_ids)
+    absent = [i for i in ids if i not in training]
+    if absent:
+        raise UserError(f"{path} was trained with the image {absent[0]}, which is not a training image of "
+                        f"{description.root} ({len(absent)} such); is it the right --data-root?")
+    clash = outputs.clashing(ids, [".png", ".npy"])
+    if clash:
+        raise UserError(f"the image {clash[0]} would be written both as a file and as a folder of another "
+                        f"image's; rename the folder {clash[0]}.png (or .npy) of the dataset")
+
+
+def claim_out(args, recipe, description, ids):
+    """--out: new, or this script's; another checkpoint's pseudo-masks there only with --overwrite, which removes
+    what this script wrote. Returns its record (None: new)."""
+    own = [path for i in ids for path in image_files(args.out, i)] + [
+        os.path.join(args.out, name) for name in OWN_FILES + [outputs.RECORD]]
+    sources = [description.root, outputs.input_folder(args.checkpoint)] + args.previous
+    record = outputs.open_output(args.out, "--out", SCRIPT, reads=sources, own_files=own)
+    if record is not None and record["recipe"] != recipe:
+        if not args.overwrite:
+            raise UserError(f"--out {args.out} holds the pseudo-masks of {record['checkpoint']} (step "
+                            f"{record['step']}) on {record['recipe']['data_root']}; use another --out, or add "
+                            "--overwrite to replace them")
+        if common.is_main_process():
+            remove_own_files(args.out)
+    return record
 
 
 def remove_own_files(out):
     """What this script wrote in `out` (for --overwrite); anything else there stays."""
     ids = sum((common.read_lines(os.path.join(out, f"{name}.txt")) for name in ["labeled", "unlabeled"]
                if os.path.exists(os.path.join(out, f"{name}.txt"))), [])
-    paths = [os.path.join(out, *parts) for i in ids for parts in [("masks", f"{i}.png"), ("image_stats", f"{i}.npy"),
-                                                                  ("confidence", f"{i}.png")]]
-    for path in paths + [os.path.join(out, name) for name in OWN_FILES]:
+    for path in [p for i in ids for p in image_files(out, i)] + [os.path.join(out, name) for name in OWN_FILES]:
         if os.path.exists(path):
             os.remove(path)
 
 
-@torch.no_grad()
-def main(argv=None):
-    args = get_args(argv)
-    common.check_numbers(args, positive=("batch_size",), at_least_zero=("workers",))
-    device = common.init_distributed_mode(args)
-    checkpoint, checkpoint_path = common.load_checkpoint(args.checkpoint)
-    description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
-    class_names, labeled, unlabeled = checkpoint["class_names"], checkpoint["labeled"], checkpoint["unlabeled"]
-    if len(description.class_names) != len(class_names):
-        raise common.UserError(f"{checkpoint_path} predicts {len(class_names)} classes but {description.root} has "
-                               f"{len(description.class_names)}; is it the right --data-root?")
-    training = set(description.train_ids)
-    absent = [i for i in labeled + unlabeled if i not in training]
-    if absent:
-        raise common.UserError(f"{checkpoint_path} was trained with the image {absent[0]}, which is not a training "
-                               f"image of {description.root} ({len(absent)} such); is it the right --data-root?")
-    clash = evaluate.clashing(labeled + unlabeled, [".png", ".npy"])
-    if clash:
-        raise common.UserError(f"the image {clash[0]} would be written both as a file and as a folder of another "
-                               f"image's; rename the folder {clash[0]}.png (or .npy) of the dataset")
-    recipe = {"checkpoint": "sha256:" + common.file_sha256(checkpoint_path)[:16],
-              "data_root": os.path.realpath(description.root)}
-    record = common.open_output(args.out, "--out", SCRIPT, reads=[description.root])
-    previous = [read_round(folder, labeled, recipe["data_root"]) for folder in args.previous]
-    if record is not None and record["recipe"] != recipe:
-        if not args.overwrite:
-            raise common.UserError(f"--out {args.out} holds the pseudo-masks of {record['checkpoint']} (step "
-                                   f"{record['step']}) on {record['recipe']['data_root']}; use another --out, or add "
-                                   "--overwrite to replace them")
-        if common.is_main_process():
-            remove_own_files(args.out)
-
-    def done(image_id):
-        parts = [("masks", f"{image_id}.png"), ("image_stats", f"{image_id}.npy")] + (
-            [("confidence", f"{image_id}.png")] if args.save_confidence else [])
-        return all(os.path.exists(os.path.join(args.out, *p)) for p in parts)
-    todo = [i for i in sorted(labeled + unlabeled) if not done(i)]
-    if record is not None and record["recipe"] == recipe and not todo and os.path.exists(
-            os.path.join(args.out, "stats.json")):  # finished: left exactly as it is
-        stats = json.loads(open(os.path.join(args.out, "stats.json")).read())
-        print(f"{args.out} holds these pseudo-masks, finished (stats.json): nothing to do")
-        print_summary(stats, class_names)
-        if previous:
-            print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
-        return
+def start_out(args, recipe, checkpoint, checkpoint_path):
+    """The record, the split files and the folders of --out, before the first pseudo-mask; a stats.json of an
+    earlier run is removed, as it marks a finished folder."""
+    labeled, unlabeled = checkpoint["labeled"], checkpoint["unlabeled"]
     if args.distributed:
         dist.barrier()  # every process has looked at --out before the first one writes there
     if common.is_main_process():
-        common.write_json(os.path.join(args.out, common.RECORD), {
+        outputs.write_json(os.path.join(args.out, outputs.RECORD), {
             "script": SCRIPT, "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path),
             "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model"})
-        for name, ids in [("labeled", labeled), ("unlabeled", unlabeled)]:
-            common.write_text(os.path.join(args.out, f"{name}.txt"), "".join(f"{i}\n" for i in sorted(ids)))
-        for folder in {os.path.dirname(os.path.join(args.out, part, i)) for i in labeled + unlabeled
-                       for part in ["masks", "image_stats"] + (["confidence"] if args.save_confidence else [])}:
+        outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled})
+        for folder in {os.path.dirname(path) for i in labeled + unlabeled
+                       for path in image_files(args.out, i, args.save_confidence)}:
             os.makedirs(folder, exist_ok=True)  # with your own data, ids may have folders in them
-        stale = os.path.join(args.out, "stats.json")  # it marks a finished folder, which this one is not yet
+        stale = os.path.join(args.out, "stats.json")
         if os.path.exists(stale):
             os.remove(stale)
     if args.distributed:
         dist.barrier()
-    which = "teacher" if "teacher" in checkpoint else "model"
-    paper_stage = checkpoint.get("stage")
-    print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "
-          f"labelling with the {which} of {checkpoint_path} (the paper's stage {paper_stage}, step "
-          f"{checkpoint['step']})")
-    common.interrupt_note = "the pseudo-masks written so far are whole and kept; the same command writes the rest"
 
-    model = evaluate.model_from_checkpoint(checkpoint, checkpoint_path, device)
-    ego = ego_vehicle_region(description, labeled)
-    ego = ego.to(device) if ego is not None else None
-    image_scale = checkpoint["args"].get("image_scale", 1.0)
 
+def write_pseudo_masks(args, model, description, todo, ego, image_scale, device):
+    """Predict the images of `todo` (every process its share) and write their files, PNG encoding and writing in
+    threads that overlap the model. Returns the seconds it took."""
     def write(image_id, prediction, row, confidence):
-        """An image's files, the pseudo-mask last: its presence says that the image is done."""
+        stats_file, *confidence_file, mask_file = image_files(args.out, image_id, confidence is not None)
         buffer = io.BytesIO()
         np.save(buffer, row)
-        common.atomic_write(os.path.join(args.out, "image_stats", f"{image_id}.npy"),
-                            lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
-        if confidence is not None:
-            common.atomic_write(os.path.join(args.out, "confidence", f"{image_id}.png"),
-                                lambda tmp: Image.fromarray(confidence, mode="L").save(tmp, format="PNG"))
-        common.save_mask_png(pseudo_mask(args.out, image_id), prediction, description.palette)
+        outputs.atomic_write(stats_file, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+        for path in confidence_file:
+            outputs.atomic_write(path, lambda tmp: Image.fromarray(confidence, mode="L").save(tmp, format="PNG"))
+        outputs.save_mask_png(mask_file, prediction, description.palette)  # last: the image is done
 
-    start = time.time()
+    start, threads = time.time(), max(1, args.workers)
     dataset = common.SegmentationDataset(description, todo, masks_optional=True)
-    loader = evaluate.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, image_scale)
-    threads = max(1, args.workers)
-    with concurrent.futures.ThreadPoolExecutor(threads) as writers:  # PNG encoding and writing overlap the model
+    loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size, image_scale)
+    with concurrent.futures.ThreadPoolExecutor(threads) as writers:
         pending = collections.deque()
         for images, masks, indices in loader:
-            probs = evaluate.image_probs(model, common.images_to_device(images, device, device.type == "cuda"),
-                                         image_scale, args.amp)
+            probs = common.image_probs(model, common.images_to_device(images, device, device.type == "cuda"),
+                                       image_scale, args.amp)
             region = ego if ego is not None and ego.shape == masks.shape[-2:] else None
-            predictions, max_prob, rows = batch_stats(probs, masks.to(device, non_blocking=True), len(class_names),
-                                                      region)
+            predictions, max_prob, rows = batch_stats(probs, masks.to(device, non_blocking=True),
+                                                      len(description.class_names), region)
             predictions, rows = predictions.byte().cpu().numpy(), rows.cpu().numpy()  # the batch read back at once
             confidences = (max_prob * 255).round().byte().cpu().numpy() if args.save_confidence else [None] * len(rows)
             for index, prediction, row, confidence in zip(indices.tolist(), predictions, rows, confidences):
@@ -399,22 +383,20 @@ def main(argv=None):
             future.result()
     if args.distributed:
         dist.barrier()
-    seconds = time.time() - start
-    if not common.is_main_process():
-        return
+    return time.time() - start
 
-    stats = summarize(args.out, labeled, unlabeled, class_names)
-    ranked, spearman = rank_to_label(args.out, description, unlabeled, class_names)
-    stats.update({"images": len(labeled) + len(unlabeled), "images_labelled_now": len(todo), "seconds": seconds,
-                  "images_per_second": len(todo) / seconds if todo else None,
-                  "source": os.path.abspath(checkpoint_path),
-                  "label_next": {"images": len(ranked), "ranked_by": "mean entropy of the predicted probabilities",
-                                 "spearman_entropy_vs_error": spearman}})
+
+def write_reports(args, model, description, checkpoint, stats, image_scale, device):
+    """The pictures and the ranking of the images to label next, then stats.json, which marks the folder finished."""
+    unlabeled = checkpoint["unlabeled"]
+    ranked, spearman = rank_to_label(args.out, description, unlabeled, description.class_names)
+    stats["label_next"] = {"images": len(ranked), "ranked_by": "mean entropy of the predicted probabilities",
+                           "spearman_entropy_vs_error": spearman}
 
     def confidence(image_id):
         """An image's max-probability as a grey panel (white: 1)."""
         image = common.images_to_device(common.read_image(description.images[image_id])[None], device)
-        max_prob = evaluate.image_probs(model, image, image_scale, args.amp).max(1)[0][0]
+        max_prob = common.image_probs(model, image, image_scale, args.amp).max(1)[0][0]
         return [((max_prob * 255).round().byte().cpu().expand(3, -1, -1), None)]
     folders, with_confidence = args.previous + [args.out], ["confidence (white: 1)"] if args.save_confidence else []
     preview = random.Random(0).sample(sorted(unlabeled), min(8, len(unlabeled)))  # the same images in every round
@@ -429,23 +411,65 @@ def main(argv=None):
             table = csv.DictWriter(f, fieldnames=list(ranked[0]) if ranked else ["rank", "id"])
             table.writeheader()
             table.writerows(ranked)
-    common.atomic_write(os.path.join(args.out, "label_next.csv"), write_csv)
+    outputs.atomic_write(os.path.join(args.out, "label_next.csv"), write_csv)
     top = ranked[:8]
     write_sheet(os.path.join(args.out, "label_next.png"),
                 ["image", "true mask", "pseudo-mask", "confidence (white: 1)"],
                 [image_and_masks(description, r["id"], [args.out]) + confidence(r["id"]) for r in top],
-                [f"{r['rank']}. {r['id']}: mean entropy {r['mean_entropy']:.3f}" + ("" if r["has_mask"] else
-                                                                                     " (no true mask)") for r in top],
+                [f"{r['rank']}. {r['id']}: mean entropy {r['mean_entropy']:.3f}"
+                 + ("" if r["has_mask"] else " (no true mask)") for r in top],
                 description)
-    common.write_json(os.path.join(args.out, "stats.json"), stats)  # last: the folder is finished
+    outputs.write_json(os.path.join(args.out, "stats.json"), stats)  # last: the folder is finished
+
+
+@torch.no_grad()
+def main(argv=None):
+    args = get_args(argv)
+    common.check_numbers(args, positive=("batch_size",), at_least_zero=("workers",))
+    device = common.init_distributed_mode(args)
+    checkpoint, checkpoint_path = outputs.load_checkpoint(args.checkpoint)
+    description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
+    class_names, labeled, unlabeled = checkpoint["class_names"], checkpoint["labeled"], checkpoint["unlabeled"]
+    check_data(checkpoint, checkpoint_path, description)
+    recipe = {"checkpoint": outputs.fingerprint(checkpoint_path), "data_root": os.path.realpath(description.root)}
+    record = claim_out(args, recipe, description, labeled + unlabeled)
+    previous = [read_round(folder, labeled, recipe["data_root"]) for folder in args.previous]
+    todo = [i for i in sorted(labeled + unlabeled)
+            if not all(map(os.path.exists, image_files(args.out, i, args.save_confidence)))]
+    if record is not None and record["recipe"] == recipe and not todo and os.path.exists(
+            os.path.join(args.out, "stats.json")):  # finished: left exactly as it is
+        stats = json.loads(open(os.path.join(args.out, "stats.json")).read())
+        print(f"{args.out} holds these pseudo-masks, finished (stats.json): nothing to do")
+        print_summary(stats, class_names)
+        if previous:
+            print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
+        return
+    start_out(args, recipe, checkpoint, checkpoint_path)
+    which = "teacher" if "teacher" in checkpoint else "model"
+    print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "
+          f"labelling with the {which} of {checkpoint_path} (the paper's stage {checkpoint.get('stage')}, step "
+          f"{checkpoint['step']})")
+    outputs.interrupt_note = "the pseudo-masks written so far are whole and kept; the same command writes the rest"
+
+    model = common.model_from_checkpoint(checkpoint, checkpoint_path, device)
+    ego = ego_vehicle_region(description, labeled)
+    ego = ego.to(device) if ego is not None else None
+    image_scale = checkpoint["args"].get("image_scale", 1.0)
+    seconds = write_pseudo_masks(args, model, description, todo, ego, image_scale, device)
+    if not common.is_main_process():
+        return
+    stats = summarize(args.out, labeled, unlabeled, class_names)
+    stats.update({"images": len(labeled) + len(unlabeled), "images_labelled_now": len(todo), "seconds": seconds,
+                  "images_per_second": len(todo) / seconds if todo else None,
+                  "source": os.path.abspath(checkpoint_path)})
+    write_reports(args, model, description, checkpoint, stats, image_scale, device)
     print_summary(stats, class_names)
     if previous:
         print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
     speed = f" ({len(todo) / seconds:.1f} images/s)" if todo else ""
     print(f"wrote {len(todo)} pseudo-masks to {args.out}/masks in {seconds:.1f} s{speed}; stats in "
-          f"{args.out}/stats.json, "
-          f"pictures in {args.out}/preview.png")
+          f"{args.out}/stats.json, pictures in {args.out}/preview.png")
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    outputs.run_main(main)

@@ -21,9 +21,9 @@ teacher's main head is the model that evaluate.py and stage2_pseudolabel.py use.
 
 Writes to --out what stage1_train.py writes (checkpoint.pt also holds the teacher and the paper's stage; metrics.json
 also the auxiliary head's val mIoU). The same command again continues an interrupted run, to the same weights as a
-run never stopped (on the CPU). The training flags below, the augmentation, the progress lines and the validation
-are stage 1's (this script takes them from stage1_train.py); the data, the losses, the teacher and the step are
-its own.
+run never stopped (on the CPU). The training flags below, the augmentation (the weak view, S and its warp), the
+progress lines and the validation are those of stage 1 (training.py, which both use); the data, the losses, the
+teacher and the step are this file's.
 """
 import argparse
 import copy
@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 
 import common
-import evaluate  # how the validation predicts
-import stage1_train  # how a training run starts, augments, steps and reports, as in stage 1
+import outputs
+import training
+from common import UserError
 
 DEFAULT_ITERS = 60_000  # the authors' length of each multi-task stage, on VOC and on Cityscapes
 PSEUDO_SCRIPT = "stage2_pseudolabel.py"
@@ -64,7 +65,7 @@ def get_args_parser():
                              "training)")
     method.add_argument("--init", help="start from this checkpoint's weights (its teacher's, if it has one) instead "
                                        "of --weights; the auxiliary head and ĝ's stage start fresh")
-    stage1_train.add_training_args(parser, f"{DEFAULT_ITERS:,}, the authors'")
+    training.add_training_args(parser, f"{DEFAULT_ITERS:,}, the authors'")
     return parser
 
 
@@ -72,45 +73,41 @@ def inputs(args):
     """What the run's input folders hold, wherever they lie (a run folder may move): the checkpoint its
     pseudo-masks were made from, and --init's checkpoint, by their SHA-256."""
     init = os.path.join(args.init, "checkpoint.pt") if args.init and os.path.isdir(args.init) else args.init
-    return {"pseudo": common.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["checkpoint"],
-            "init": "sha256:" + common.file_sha256(init)[:16] if init and os.path.isfile(init) else args.init}
+    return {"pseudo": outputs.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["checkpoint"],
+            "init": outputs.fingerprint(init) if init and os.path.isfile(init) else args.init}
 
 
 def pseudo_split(folder, record, description):
     """The split the pseudo-masks were made for, checked against the data this run trains on: the same dataset,
     and a finished pseudo-mask for every training image."""
     if os.path.realpath(description.root) != record["recipe"]["data_root"]:
-        raise common.UserError(f"--pseudo {folder} was made on the data in {record['recipe']['data_root']}, not on "
-                               f"--data-root {description.root}; make pseudo-masks of this data with {PSEUDO_SCRIPT}")
+        raise UserError(f"--pseudo {folder} was made on the data in {record['recipe']['data_root']}, not on "
+                        f"--data-root {description.root}; make pseudo-masks of this data with {PSEUDO_SCRIPT}")
     if not os.path.isdir(os.path.join(folder, "masks")):
-        raise common.UserError(f"--pseudo {folder} was written by an earlier version (no masks/ folder); make it again")
+        raise UserError(f"--pseudo {folder} was written by an earlier version (no masks/ folder); make it again")
     labeled, unlabeled = (common.read_lines(os.path.join(folder, f"{name}.txt")) for name in ["labeled", "unlabeled"])
-    missing = [i for i in labeled + unlabeled if not os.path.exists(pseudo_mask(folder, i))]
+    missing = [i for i in labeled + unlabeled if not os.path.exists(outputs.pseudo_mask_path(folder, i))]
     if missing or not os.path.exists(os.path.join(folder, "stats.json")):
-        raise common.UserError(f"--pseudo {folder} is unfinished ({len(missing)} of {len(labeled + unlabeled)} "
-                               f"pseudo-masks missing); run the {PSEUDO_SCRIPT} command that made it again to "
-                               "finish it")
+        raise UserError(f"--pseudo {folder} is unfinished ({len(missing)} of {len(labeled + unlabeled)} "
+                        f"pseudo-masks missing); run the {PSEUDO_SCRIPT} command that made it again to "
+                        "finish it")
     return sorted(labeled), sorted(unlabeled)
-
-
-def pseudo_mask(folder, image_id):
-    return os.path.join(folder, "masks", f"{image_id}.png")
 
 
 def load_init(student, path, backbone, num_classes):
     """Start from another checkpoint's weights (its mean teacher's, where it has one). The auxiliary head and ĝ's
     own stage start fresh, as they do from ImageNet weights."""
-    checkpoint, path = common.load_checkpoint(path, "--init")
+    checkpoint, path = outputs.load_checkpoint(path, "--init")
     new = ("aux_head.", "aux_last_stage.")
-    weights = {k: v for k, v in checkpoint.get("teacher", checkpoint["model"]).items() if not k.startswith(new)}
+    weights = {k: v for k, v in common.final_weights(checkpoint).items() if not k.startswith(new)}
     try:
         missing, unexpected = student.load_state_dict(weights, strict=False)
     except RuntimeError:
         missing, unexpected = ["(shapes differ)"], []
     if unexpected or any(not key.startswith(new) for key in missing):
-        raise common.UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of "
-                               f"{len(checkpoint['class_names'])} classes; this run is a {backbone} model of "
-                               f"{num_classes} classes")
+        raise UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of "
+                        f"{len(checkpoint['class_names'])} classes; this run is a {backbone} model of "
+                        f"{num_classes} classes")
 
 
 # ============================================================================= the mean teacher
@@ -153,7 +150,7 @@ class LabeledWithPseudo(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, mask = self.images.load(index)
-        pseudo = common.read_mask(pseudo_mask(self.pseudo_dir, self.images.ids[index]),
+        pseudo = common.read_mask(outputs.pseudo_mask_path(self.pseudo_dir, self.images.ids[index]),
                                   len(self.images.description.class_names), image.shape[-2:])
         image, mask, pseudo = self.weak(image, mask, pseudo)
         return (image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long(),
@@ -171,9 +168,9 @@ class StrongViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, pseudo = self.weak(*self.images.load(index))
-        strong, source = stage1_train.strong_augment(image)
+        strong, source = training.strong_augment(image)
         return (image.as_subclass(torch.Tensor), strong.as_subclass(torch.Tensor),
-                stage1_train.warp(pseudo, source).long(), source, index)
+                training.warp(pseudo, source).long(), source, index)
 
 
 # ============================================================================= the step
@@ -196,7 +193,7 @@ def losses(student, teacher, labeled_batch, unlabeled_batch, w_sup, w_con, amp):
     with torch.no_grad(), common.autocast(x_l.device, amp):
         teacher_argmax = teacher(torch.cat([x_l, x_weak])).argmax(1)
     # The teacher saw the weak views: its argmax on x_u is moved the way S moved the student's view.
-    target = torch.cat([teacher_argmax[:n_l], stage1_train.warp(teacher_argmax[n_l:], source)])
+    target = torch.cat([teacher_argmax[:n_l], training.warp(teacher_argmax[n_l:], source)])
     with common.autocast(x_l.device, amp):
         main, aux = student(torch.cat([x_l, x_strong]), with_aux=True)  # one forward: BN sees the whole batch
     main, aux = main.float(), aux.float()
@@ -224,25 +221,23 @@ def train_one_step(student, teacher, update_teacher, labeled_batch, unlabeled_ba
 
 
 def main(argv=None):
-    args = stage1_train.parse_args(get_args_parser(), argv, "stage3_multitask.py")
+    args = training.parse_args(get_args_parser(), argv, "stage3_multitask.py")
     if args.pseudo is None:
-        raise common.UserError(f"give --pseudo DIR, the pseudo-masks of the previous round ({PSEUDO_SCRIPT}'s --out)")
+        raise UserError(f"give --pseudo DIR, the pseudo-masks of the previous round ({PSEUDO_SCRIPT}'s --out)")
     if not (args.ema_decay or 0) < 1 or not args.w_sup + args.w_con > 0:
-        raise common.UserError("--ema-decay must be below 1, and --w-sup and --w-con not both 0")
+        raise UserError("--ema-decay must be below 1, and --w-sup and --w-con not both 0")
     if args.data_root is None:  # the data the pseudo-masks were made on
-        args.data_root = common.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["data_root"]
-    run = stage1_train.start_run(args, "stage3_multitask.py", reads=["pseudo"], inputs=inputs)
+        args.data_root = outputs.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["data_root"]
+    run = training.start_run(args, "stage3_multitask.py", reads=["pseudo", "init"], inputs=inputs)
     if run is None:
         return
     args, description, device, checkpoint = run
-    n_images = args.batch_labeled + (args.batch_unlabeled if args.w_con else 0)
-    if args.backbone != "tiny_unet" and n_images < 2 * args.world_size:
-        raise common.UserError("DeepLabv3's image pooling normalises over the batch: give each process at least 2 "
-                               "images a step (--batch-labeled + --batch-unlabeled)")
+    training.check_batch(args, args.batch_labeled + (args.batch_unlabeled if args.w_con else 0),
+                         "--batch-labeled + --batch-unlabeled")
     torch.manual_seed(args.seed)
-    pseudo = common.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)
+    pseudo = outputs.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)
     labeled, unlabeled = pseudo_split(args.pseudo, pseudo, description)
-    stage1_train.write_split(args.out, description, labeled, unlabeled)
+    training.write_split(args.out, description, labeled, unlabeled)
     everything = sorted(labeled + unlabeled)  # the unlabelled stream: the whole training set
     if args.iters is None:
         args.iters = math.ceil(args.epochs * len(everything) / args.batch_unlabeled) if args.epochs else DEFAULT_ITERS
@@ -256,33 +251,38 @@ def main(argv=None):
                                  aux_head=args.aux_head)
     if args.init and checkpoint is None:
         load_init(student, args.init, args.backbone, len(class_names))
-    optimizer, scheduler = stage1_train.make_optimizer(student, args)
-    student = stage1_train.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head
-    teacher, update_teacher = make_teacher(stage1_train.unwrapped(student))
+    optimizer, scheduler = training.make_optimizer(student, args)
+    student = training.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head
+    teacher, update_teacher = make_teacher(training.unwrapped(student))
     step = 0
     if checkpoint is not None:
-        stage1_train.restore(checkpoint, os.path.join(args.out, "checkpoint.pt"),
-                             {"model": stage1_train.unwrapped(student), "teacher": teacher}, optimizer, scheduler)
+        training.restore(checkpoint, os.path.join(args.out, "checkpoint.pt"),
+                         {"model": training.unwrapped(student), "teacher": teacher}, optimizer, scheduler)
         step = checkpoint["step"]
     teacher = torch.compile(teacher) if args.compile else teacher
 
-    weak = stage1_train.weak_augment((args.crop_size * 2)[:2], [args.image_scale * s for s in args.scale_range])
-    pseudo_files = {i: pseudo_mask(args.pseudo, i) for i in everything}
+    weak = training.weak_augment((args.crop_size * 2)[:2], [args.image_scale * s for s in args.scale_range])
+    pseudo_files = {i: outputs.pseudo_mask_path(args.pseudo, i) for i in everything}
     labeled_set = LabeledWithPseudo(common.SegmentationDataset(description, labeled), args.pseudo, weak)
     pseudo_set = StrongViewDataset(common.SegmentationDataset(description, everything, masks=pseudo_files), weak)
-    labeled_batches = stage1_train.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step,
-                                                args.rank, args.world_size)
-    unlabeled_batches = stage1_train.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step,
-                                                  args.rank, args.world_size)
-    val_loader = evaluate.full_image_loader(common.SegmentationDataset(description, description.val_ids), 8,
-                                            args.workers, args.rank, args.world_size, args.image_scale)
+    labeled_batches = training.train_loader(labeled_set, args.batch_labeled, args.workers, args.seed, step,
+                                            args.rank, args.world_size)
+    unlabeled_batches = training.train_loader(pseudo_set, args.batch_unlabeled, args.workers, args.seed + 1, step,
+                                              args.rank, args.world_size)
+    val_loader = training.val_loader(description, args)
 
     def validate():
         """The teacher's main head and auxiliary head on val."""
-        return [stage1_train.val_confusion(stage1_train.unwrapped(teacher), val_loader, device, len(class_names),
-                                           args.image_scale, args.amp, head) for head in (0, 1)]
+        return training.validate(training.unwrapped(teacher), val_loader, args, device, len(class_names), (0, 1))
 
-    progress = stage1_train.Progress(args.out, step, args.iters, args.print_every)
+    def save(step):
+        outputs.save_checkpoint(
+            args.out, step, model=training.unwrapped(student).state_dict(),
+            teacher=training.unwrapped(teacher).state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), args=vars(args), labeled=labeled, unlabeled=unlabeled,
+            class_names=class_names, palette=description.palette, stage=paper_stage)
+
+    progress = training.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:
         x_l, y_l, p_l, _ = next(labeled_batches)
         x_weak, x_strong, p_strong, source, _ = next(unlabeled_batches)
@@ -294,26 +294,9 @@ def main(argv=None):
                                       (x_weak, x_strong, p_strong, source), optimizer, scheduler, args)
         step += 1
         progress.update(step, terms, scheduler.get_last_lr()[0], ema=decay)
-        if (step % args.save_every == 0 or step == args.iters) and common.is_main_process():
-            stage1_train.check_finite(terms, step)  # never save weights that have become NaN
-            stage1_train.save_checkpoint(
-                args.out, step, model=stage1_train.unwrapped(student).state_dict(),
-                teacher=stage1_train.unwrapped(teacher).state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), args=vars(args), labeled=labeled, unlabeled=unlabeled,
-                class_names=class_names, palette=description.palette, stage=paper_stage)
-        if args.eval_every and step % args.eval_every == 0 and step < args.iters:
-            main_head, aux_head = validate()
-            print(f"step {step}: teacher val mIoU {main_head.miou():.2f} (auxiliary head {aux_head.miou():.2f})")
-            progress.log({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
-
-    main_head, aux_head = validate()
-    print(f"teacher's main head, val IoU after {step} steps:\n{evaluate.iou_table(main_head, class_names)}")
-    print(f"teacher's auxiliary head ({args.aux_head}): val mIoU {aux_head.miou():.2f}")
-    progress.log({"step": step, "val_miou": main_head.miou(), "aux_val_miou": aux_head.miou()})
-    if common.is_main_process():
-        common.write_json(os.path.join(args.out, "metrics.json"), {
-            "step": step, **main_head.report(class_names), "aux_miou": aux_head.miou()})
+        training.after_step(args, step, terms, save, validate, progress)
+    training.final_report(args, step, validate(), progress, class_names)
 
 
 if __name__ == "__main__":
-    common.run_main(main)
+    outputs.run_main(main)

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import outputs  # noqa: E402
 
 # 12 training images (the first 8 are VOC's train.txt), 4 val images, in three sizes.
 TRAIN_IDS = [f"2007_{i:06d}" for i in range(1, 13)]
@@ -94,7 +95,7 @@ TINY_TRAIN = ["--backbone", "tiny_unet", "--no-pretrained", "--crop-size", "24",
 def run_script(script, *args, check=True, subprocess_run=False):
     """Run a script as a user does; returns a CompletedProcess (stdout and stderr as text).
 
-    In-process by default (the script's main() under common.run_main, as its __main__ does), which
+    In-process by default (the script's main() under outputs.run_main, as its __main__ does), which
     spares each call the seconds of importing torch; subprocess_run=True starts a real process."""
     argv = [str(a) for a in args]
     if subprocess_run:
@@ -105,7 +106,7 @@ def run_script(script, *args, check=True, subprocess_run=False):
         stdout, stderr, code = io.StringIO(), io.StringIO(), 0
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), working_directory(ROOT):
             try:
-                common.run_main(lambda: module.main(argv))
+                outputs.run_main(lambda: module.main(argv))
             except SystemExit as e:
                 if isinstance(e.code, str):
                     stderr.write(e.code + "\n")

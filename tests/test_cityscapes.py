@@ -162,7 +162,7 @@ class PerPixel(nn.Module):
 def test_sliding_window_agrees_with_the_whole_image_on_a_per_pixel_model(window, stride):
     torch.manual_seed(0)
     model, images = PerPixel().eval(), torch.randn(2, 3, *CS_SIZE)
-    whole = evaluate.image_probs(model, images)
+    whole = common.image_probs(model, images)
     tiled = evaluate.window_probs(model, images, argparse.Namespace(window=window, stride=stride, amp=False), 1.0)
     assert torch.allclose(whole, tiled, atol=1e-6)
     assert evaluate.window_starts(32, 8, 4)[-1] == 24 and evaluate.window_starts(48, 20, 20) == [0, 20, 28]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import common
-import evaluate
+import training
 import stage1_train
 from conftest import ROOT, TRAIN_IDS, VAL_IDS, VOC_TRAIN_IDS, make_mask, write_voc_tree
 
@@ -197,7 +197,7 @@ def test_weak_augment_crops_pads_with_ignore_and_keeps_image_and_mask_aligned():
     image = common.tv_tensors.Image(torch.arange(20 * 30, dtype=torch.uint8).reshape(1, 20, 30).repeat(3, 1, 1))
     mask = common.tv_tensors.Mask(torch.arange(20 * 30, dtype=torch.uint8).reshape(20, 30) % 200)
     for _ in range(10):
-        out_image, out_mask = stage1_train.weak_augment((40, 40), (1.0, 1.0))(image, mask)
+        out_image, out_mask = training.weak_augment((40, 40), (1.0, 1.0))(image, mask)
         assert out_image.shape == (3, 40, 40) and out_mask.shape == (40, 40)
         padded = out_mask == common.IGNORE
         assert padded.sum() == 40 * 40 - 20 * 30  # the padding, and only it, is ignored
@@ -207,31 +207,31 @@ def test_weak_augment_crops_pads_with_ignore_and_keeps_image_and_mask_aligned():
 
 def test_weak_augment_takes_a_non_square_crop():
     image = common.tv_tensors.Image(torch.zeros(3, 50, 90, dtype=torch.uint8))
-    out_image, out_mask = stage1_train.weak_augment((24, 48), (1.0, 1.0))(image, common.tv_tensors.Mask(torch.zeros(50, 90, dtype=torch.uint8)))
+    out_image, out_mask = training.weak_augment((24, 48), (1.0, 1.0))(image, common.tv_tensors.Mask(torch.zeros(50, 90, dtype=torch.uint8)))
     assert out_image.shape == (3, 24, 48) and out_mask.shape == (24, 48)
 
 
 def test_full_image_batches_never_mix_sizes(voc_root):
     description = describe(voc_root)
     dataset = common.SegmentationDataset(description, TRAIN_IDS + VAL_IDS)
-    batches = list(evaluate.full_image_loader(dataset, 4, 0).batch_sampler)
+    batches = list(common.full_image_loader(dataset, 4, 0).batch_sampler)
     assert sorted(i for b in batches for i in b) == list(range(len(dataset)))
     for batch in batches:
         assert len(batch) <= 4
         assert len({Image.open(description.images[dataset.ids[i]]).size for i in batch}) == 1
     # Two processes take every other image, together all of them.
-    shares = [list(evaluate.full_image_loader(dataset, 4, 0, rank, 2).batch_sampler) for rank in range(2)]
+    shares = [list(common.full_image_loader(dataset, 4, 0, rank, 2).batch_sampler) for rank in range(2)]
     assert sorted(i for share in shares for b in share for i in b) == list(range(len(dataset)))
 
 
 def test_shuffled_stream_is_shared_by_processes_and_resumes_where_it_stopped():
     def take(stream, n):
         return [next(stream) for _ in range(n)]
-    one = take(stage1_train.shuffled_stream(5, seed=3), 12)
+    one = take(training.shuffled_stream(5, seed=3), 12)
     indices, seeds = [index for index, _ in one], [seed for _, seed in one]
     assert sorted(indices[:5]) == list(range(5)) and sorted(indices[5:10]) == list(range(5))
     assert indices[:5] != indices[5:10] and len(set(seeds)) == 12  # every sample its own augmentation seed
-    two = [take(stage1_train.shuffled_stream(5, seed=3, rank=r, world=2), 6) for r in range(2)]
+    two = [take(training.shuffled_stream(5, seed=3, rank=r, world=2), 6) for r in range(2)]
     assert [two[r][i // 2] for i in range(12) for r in [i % 2]] == one  # the two shares interleave into the one stream
-    assert take(stage1_train.shuffled_stream(5, seed=3, start=7), 5) == one[7:12]  # seeds too: a resume is exact
-    assert not set(seeds) & {seed for _, seed in take(stage1_train.shuffled_stream(5, seed=4), 12)}
+    assert take(training.shuffled_stream(5, seed=3, start=7), 5) == one[7:12]  # seeds too: a resume is exact
+    assert not set(seeds) & {seed for _, seed in take(training.shuffled_stream(5, seed=4), 12)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import outputs
 from conftest import ROOT, TINY_TRAIN, TRAIN_IDS, run_script
 
 
@@ -63,7 +63,7 @@ def test_multitask_with_two_processes_and_resume(two_process_run):
              "--batch-labeled", 2, "--batch-unlabeled", 2, "--workers", 0, "--device", "cpu", "--print-every", 1,
              "--pseudo", base / "pseudo"]
     torchrun("stage3_multitask.py", *flags, "--iters", 4, "--save-every", 2, "--out", stage)
-    checkpoint, path = common.load_checkpoint(stage)
+    checkpoint, path = outputs.load_checkpoint(stage)
     assert checkpoint["step"] == 4 and not any(k.startswith("module.") for k in checkpoint["model"])
     # Resume under torchrun from a step-2 checkpoint.
     checkpoint["step"], checkpoint["scheduler"]["last_epoch"] = 2, 2

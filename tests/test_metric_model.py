@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import common
-import evaluate
-import stage1_train
+import training
+import outputs
 
 
 def optimizer_args():
@@ -57,7 +57,7 @@ def test_model_outputs_for_each_backbone_and_head_layout(backbone, aux_head):
             assert torch.allclose(main, out) and aux.shape == out.shape
             assert not torch.allclose(aux, out)  # a head of its own
     assert (model.aux_last_stage is not None) == (aux_head == "separate")
-    backbone_group, heads_group = stage1_train.make_optimizer(model, optimizer_args())[0].param_groups
+    backbone_group, heads_group = training.make_optimizer(model, optimizer_args())[0].param_groups
     assert heads_group["params"] and len(backbone_group["params"]) + len(heads_group["params"]) == len(list(model.parameters()))
 
 
@@ -83,7 +83,7 @@ def test_separate_head_is_a_new_half_width_last_stage_in_the_heads_group(backbon
         assert len(blocks) == 3 and all(isinstance(b, Bottleneck) for b in blocks)
         assert [b.conv2.dilation for b in blocks] == [(2, 2), (4, 4), (4, 4)]
         assert blocks[0].conv1.in_channels == 1024 and blocks[-1].conv3.out_channels == 1024
-    optimizer, _ = stage1_train.make_optimizer(model, optimizer_args())
+    optimizer, _ = training.make_optimizer(model, optimizer_args())
     backbone_group, heads_group = optimizer.param_groups
     heads = {id(p) for p in heads_group["params"]}
     assert heads_group["lr"] == pytest.approx(0.1) and backbone_group["lr"] == pytest.approx(0.01)
@@ -122,13 +122,13 @@ def test_tiny_unet_has_no_pretrained_weights():
 def test_checkpoints_are_written_atomically_and_loaded_safely(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     model = common.build_model("tiny_unet", 3, weights="none")
-    common.atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "args": {"backbone": "tiny_unet"},
+    outputs.atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), "args": {"backbone": "tiny_unet"},
                                                       "labeled": ["a"], "unlabeled": [], "class_names": ["x", "y", "z"],
                                                       "step": 1}, tmp))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
-    checkpoint, found = common.load_checkpoint(str(tmp_path))  # a run folder stands for its checkpoint.pt
+    checkpoint, found = outputs.load_checkpoint(str(tmp_path))  # a run folder stands for its checkpoint.pt
     assert found == path
-    rebuilt = evaluate.model_from_checkpoint(checkpoint, path)
+    rebuilt = common.model_from_checkpoint(checkpoint, path)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
 
 
@@ -140,11 +140,11 @@ def test_a_pickled_object_is_refused_not_unpickled(tmp_path):
     path = str(tmp_path / "evil.pt")
     torch.save({"model": Arbitrary(), "args": {}}, path)
     with pytest.raises(common.UserError, match="cannot be loaded with weights_only=True"):
-        common.load_checkpoint(path)
+        outputs.load_checkpoint(path)
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(common.UserError, match="not a checkpoint of this project"):
-        common.load_checkpoint(foreign)
+        outputs.load_checkpoint(foreign)
 
 
 def test_coco_weights_without_network_give_one_line(monkeypatch, tmp_path):

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-import stage1_train
+import training
+import outputs
 import stage3_multitask
 from conftest import TINY_TRAIN, TRAIN_IDS, assert_user_error, run_script
 
@@ -34,7 +35,7 @@ def test_both_head_layouts_train_and_evaluate_with_the_teacher(pseudo_dir, tmp_p
     result = run_script("stage3_multitask.py", "--pseudo", pseudo, "--aux-head", aux_head, *TINY_MULTITASK, "--out", out)
     assert "L_sup" in result.stdout and "L_con" in result.stdout and "L_aux" in result.stdout
     assert f"teacher's auxiliary head ({aux_head})" in result.stdout
-    checkpoint, _ = common.load_checkpoint(out)
+    checkpoint, _ = outputs.load_checkpoint(out)
     assert checkpoint["step"] == 2 and checkpoint["args"]["aux_head"] == aux_head
     assert any(k.startswith("aux_last_stage.") for k in checkpoint["teacher"]) == (aux_head == "separate")
     metrics = json.load(open(os.path.join(out, "metrics.json")))
@@ -50,8 +51,8 @@ def test_init_from_a_stage1_checkpoint(pseudo_dir, tmp_path):
     out = str(tmp_path / "stage")
     run_script("stage3_multitask.py", "--data-root", voc_root, "--pseudo", pseudo, *TINY_MULTITASK,
                "--iters", 1, "--init", stage1, "--out", out, "--lr", 1e-9)
-    student = common.load_checkpoint(out)[0]["model"]
-    initial = common.load_checkpoint(stage1)[0]["model"]
+    student = outputs.load_checkpoint(out)[0]["model"]
+    initial = outputs.load_checkpoint(stage1)[0]["model"]
     for key, value in initial.items():  # barely moved from the initial weights (lr 1e-9)
         if value.is_floating_point() and "running" not in key:
             assert torch.allclose(student[key], value, atol=1e-6), key
@@ -65,8 +66,8 @@ def test_init_from_a_multitask_checkpoint_takes_its_teacher_and_not_its_aux_head
     run_script("stage3_multitask.py", "--pseudo", pseudo, *TINY_MULTITASK, "--aux-head", "separate", "--out", first)
     run_script("stage3_multitask.py", "--pseudo", pseudo, *TINY_MULTITASK, "--aux-head", "shared", "--iters", 1,
                "--lr", 1e-9, "--init", first, "--out", second)  # a run folder stands for its checkpoint
-    teacher = common.load_checkpoint(first)[0]["teacher"]
-    student = common.load_checkpoint(second)[0]["model"]
+    teacher = outputs.load_checkpoint(first)[0]["teacher"]
+    student = outputs.load_checkpoint(second)[0]["model"]
     assert not any(k.startswith("aux_last_stage.") for k in student)
     for key, value in teacher.items():
         if value.is_floating_point() and "running" not in key and not key.startswith("aux"):
@@ -216,29 +217,29 @@ def colour_classes(image):
 def test_strong_augment_geometry_moves_the_targets_exactly(monkeypatch):
     """With geometric operations only: the teacher's prediction on the weak view, carried through
     the warp, is exactly its own prediction on the strong view wherever the target is not 255."""
-    monkeypatch.setattr(stage1_train, "STRONG_OPERATIONS", ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"])
-    monkeypatch.setattr(stage1_train.random, "random", lambda: 0.0)  # every drawn operation applied
+    monkeypatch.setattr(training, "STRONG_OPERATIONS", ["Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"])
+    monkeypatch.setattr(training.random, "random", lambda: 0.0)  # every drawn operation applied
     common.random.seed(0)
     moved_somewhere = 0
     for trial in range(20):
         image = common.tv_tensors.Image(torch.randint(0, 256, (3, 41, 53), dtype=torch.uint8))
-        strong, source = stage1_train.strong_augment(image, cutouts=0)
-        warped = stage1_train.warp(colour_classes(image), source)
+        strong, source = training.strong_augment(image, cutouts=0)
+        warped = training.warp(colour_classes(image), source)
         kept = warped != common.IGNORE
         assert torch.equal(warped[kept], colour_classes(strong)[kept])
-        assert (strong[:, ~kept] == stage1_train.GREY).all()  # from outside the image: grey, and no target
+        assert (strong[:, ~kept] == training.GREY).all()  # from outside the image: grey, and no target
         moved_somewhere += int(not torch.equal(source, torch.arange(41 * 53).view(41, 53)))
     assert moved_somewhere >= 18
 
 
 def test_strong_augment_draws_three_of_the_fourteen_operations_and_cutout():
-    assert len(stage1_train.STRONG_OPERATIONS) == 14
+    assert len(training.STRONG_OPERATIONS) == 14
     common.random.seed(1)
     image = common.tv_tensors.Image(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8))
-    outputs = [stage1_train.strong_augment(image) for _ in range(30)]
+    outputs = [training.strong_augment(image) for _ in range(30)]
     assert all(o.shape == image.shape and o.dtype == torch.uint8 for o, _ in outputs)
     assert all(s.shape == (64, 64) and s.dtype == torch.int64 for _, s in outputs)
-    assert all((o == stage1_train.GREY).all(0).sum() >= 32 for o, _ in outputs)  # Cutout: 3 grey squares of 6x6 here
+    assert all((o == training.GREY).all(0).sum() >= 32 for o, _ in outputs)  # Cutout: 3 grey squares of 6x6 here
     assert any(torch.equal(s, torch.arange(64 * 64).view(64, 64)) for _, s in outputs)  # photometric only, sometimes
     assert any(not torch.equal(s, torch.arange(64 * 64).view(64, 64)) for _, s in outputs)
 
@@ -246,13 +247,13 @@ def test_strong_augment_draws_three_of_the_fourteen_operations_and_cutout():
 def test_strong_view_dataset_moves_the_mask_with_the_image(voc_template):
     # The true masks stand in for pseudo-masks here: they have several classes and a 255 border.
     images = common.SegmentationDataset(common.describe_dataset(voc_template), TRAIN_IDS)
-    dataset = stage3_multitask.StrongViewDataset(images, stage1_train.weak_augment((24, 24), (1.0, 1.0)))
+    dataset = stage3_multitask.StrongViewDataset(images, training.weak_augment((24, 24), (1.0, 1.0)))
     for index in range(len(TRAIN_IDS)):
         common.random.seed(index)
         torch.manual_seed(index)
         x_weak, x_strong, p_strong, source, _ = dataset[index]
         common.random.seed(index)
         torch.manual_seed(index)
-        _, p_weak = stage1_train.weak_augment((24, 24), (1.0, 1.0))(*images.load(index))
+        _, p_weak = training.weak_augment((24, 24), (1.0, 1.0))(*images.load(index))
         assert len(p_weak.unique()) > 2
-        assert torch.equal(p_strong, stage1_train.warp(p_weak.long(), source))
+        assert torch.equal(p_strong, training.warp(p_weak.long(), source))

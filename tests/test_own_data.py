@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import common
+import outputs
 import stage1_train
 from conftest import TINY_TRAIN, assert_user_error, run_script
 
@@ -223,7 +224,7 @@ def test_every_script_runs_on_it_with_png_images(tmp_path):
     assert os.path.exists(tmp_path / "pred" / f"{ids[1]}.png") and os.path.exists(tmp_path / "pred" / f"{ids[1]}_overlay.jpg")
     palette = Image.open(tmp_path / "pred" / f"{ids[1]}.png").getpalette()[:9]
     assert palette == list(common.colour_palette()[:9])  # no colours in classes.txt: VOC's
-    checkpoint, _ = common.load_checkpoint(str(tmp_path / "s2"))
+    checkpoint, _ = outputs.load_checkpoint(str(tmp_path / "s2"))
     assert checkpoint["class_names"] == ["background", "cat", "dog"] and torch.is_tensor(checkpoint["model"]["head.3.weight"])
 
 

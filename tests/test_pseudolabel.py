@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import common
-import evaluate
+import outputs
 import stage2_pseudolabel
 from conftest import TINY_TRAIN, TRAIN_IDS, assert_user_error, image_size, run_script
 
@@ -35,14 +35,14 @@ def test_writes_a_palette_png_of_class_indices_per_training_image(trained, tmp_p
     out = str(tmp_path / "pseudo")
     pseudolabel(checkpoint, out, "--save-confidence")
     preview = Image.open(os.path.join(out, "preview.png"))
-    saved, _ = common.load_checkpoint(checkpoint)
+    saved, _ = outputs.load_checkpoint(checkpoint)
     # A row per chosen unlabelled image, four 160-pixel columns (image, truth, pseudo-mask, confidence), a legend.
     rows = min(8, len(saved["unlabeled"]))
     assert preview.size[0] == 4 * 164 + 4 and 18 + rows * 178 + 24 <= preview.size[1] <= 18 + rows * 178 + 6 + 18 * 4
     assert sorted(os.listdir(out)) == ["confidence", "image_stats", "label_next.csv", "label_next.png", "labeled.txt",
                                        "masks", "preview.png", "run.json", "stats.json", "unlabeled.txt"]
     assert sorted(os.listdir(os.path.join(out, "masks"))) == sorted(f"{i}.png" for i in TRAIN_IDS)
-    model = evaluate.model_from_checkpoint(saved, checkpoint).eval()
+    model = common.model_from_checkpoint(saved, checkpoint).eval()
     for index, image_id in enumerate(TRAIN_IDS):
         png = Image.open(os.path.join(out, "masks", f"{image_id}.png"))
         assert png.mode == "P" and png.size == image_size(index) and png.getpalette()[:6] == [0, 0, 0, 128, 0, 0]
@@ -55,7 +55,7 @@ def test_writes_a_palette_png_of_class_indices_per_training_image(trained, tmp_p
     stats = json.load(open(os.path.join(out, "stats.json")))
     assert stats["images"] == len(TRAIN_IDS) and stats["labeled"]["images"] == 4 and stats["unlabeled"]["images"] == 8
     record = json.load(open(os.path.join(out, "run.json")))
-    assert record["recipe"]["checkpoint"] == "sha256:" + common.file_sha256(checkpoint)[:16]
+    assert record["recipe"]["checkpoint"] == "sha256:" + outputs.file_sha256(checkpoint)[:16]
     assert common.read_lines(os.path.join(out, "labeled.txt")) == saved["labeled"]  # the split stage 3 trains with
 
 
@@ -64,7 +64,7 @@ def test_quality_figures_match_the_written_masks(trained, tmp_path):
     out = str(tmp_path / "pseudo")
     pseudolabel(checkpoint, out)
     stats = json.load(open(os.path.join(out, "stats.json")))
-    saved, _ = common.load_checkpoint(checkpoint)
+    saved, _ = outputs.load_checkpoint(checkpoint)
     for group in ["labeled", "unlabeled"]:
         confusion = common.ConfusionMatrix(21)
         for image_id in saved[group]:

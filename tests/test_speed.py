@@ -7,6 +7,7 @@ import torch
 
 import benchmark
 import common
+import training
 import stage1_train
 import stage3_multitask
 from conftest import assert_user_error, run_script
@@ -23,8 +24,8 @@ def train_stage1(options, steps=3):
     torch.manual_seed(0)
     model = common.build_model("tiny_unet", 4, weights="none")
     args = flags(**options)
-    optimizer, scheduler = stage1_train.make_optimizer(model, args)
-    net = stage1_train.prepare_model(model, args, torch.device("cpu"))
+    optimizer, scheduler = training.make_optimizer(model, args)
+    net = training.prepare_model(model, args, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
         images = torch.randn(2, 3, 16, 16, generator=g)
@@ -38,8 +39,8 @@ def train_multitask(options, steps=3):
     torch.manual_seed(0)
     student = common.build_model("tiny_unet", 4, weights="none", aux_head="separate")
     args = flags(**options)
-    optimizer, scheduler = stage1_train.make_optimizer(student, args)
-    net = stage1_train.prepare_model(student, args, torch.device("cpu"))
+    optimizer, scheduler = training.make_optimizer(student, args)
+    net = training.prepare_model(student, args, torch.device("cpu"))
     teacher, update_teacher = stage3_multitask.make_teacher(student)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common
+import outputs
 from conftest import TINY_TRAIN, TRAIN_IDS, VAL_IDS, assert_user_error, image_size, run_script
 
 
@@ -29,7 +30,7 @@ def test_stage1_writes_checkpoint_split_and_metrics(stage1_run):
     unlabeled = open(os.path.join(out, "unlabeled.txt")).read().split()
     assert len(labeled) == 4 and sorted(labeled + unlabeled) == TRAIN_IDS
     assert open(os.path.join(out, "val.txt")).read().split() == VAL_IDS
-    checkpoint, _ = common.load_checkpoint(out)
+    checkpoint, _ = outputs.load_checkpoint(out)
     assert checkpoint["step"] == 2 and checkpoint["labeled"] == labeled and checkpoint["unlabeled"] == unlabeled
     assert checkpoint["args"]["backbone"] == "tiny_unet" and checkpoint["class_names"] == common.VOC_CLASSES
     metrics = json.load(open(os.path.join(out, "metrics.json")))
