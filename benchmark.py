@@ -24,13 +24,18 @@ on it as a user does (--script-steps each), then sets each script's own steady r
 history.jsonl after the first lines; stage 2's images/s from its start to its last file) beside
 the step benchmark's figure for the same shapes. Everything is written to --json.
 """
+import signal
+import sys
+
+# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+
 import argparse
 import json
 import math
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path

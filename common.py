@@ -29,6 +29,7 @@ BACKBONES = ["resnet101", "resnet50", "tiny_unet"]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")  # lossless: JPEG changes a mask's values at edges
 MIN_SIDE = 8  # the shortest image side the models take (the tiny U-Net halves it three times)
+OS_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}  # what Windows leaves in folders (macOS's are hidden files)
 
 
 # ============================================================================= user errors and flags
@@ -46,7 +47,6 @@ def read_lines(path, numbered=False):
         raise UserError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     numbered_lines = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
     return numbered_lines if numbered else [line for _, line in numbered_lines]
-
 
 
 def check_numbers(args, positive=(), at_least_zero=()):
@@ -200,9 +200,24 @@ def cityscapes(root, flag):
         table[max(c.id, 0)] = c.train_id if 0 <= c.train_id < IGNORE else IGNORE
     classes = sorted((c for c in classes if 0 <= c.train_id < IGNORE), key=lambda c: c.train_id)
     palette, train_ids = [value for c in classes for value in c.color], sorted(ids_of["train"])
+    extra = os.path.join(root, "leftImg8bit", "train_extra")
+    notes = [f"{extra}/ (the coarsely annotated images) is not used: the splits are of the finely annotated "
+             "train/ and val/"] if os.path.isdir(extra) else []
     return DataDescription("cityscapes", root, [c.name for c in classes], palette + [0] * (768 - len(palette)), images,
                            masks, train_ids, sorted(ids_of["val"]), [i for i in train_ids if masks[i]],
-                           label_table=table if any(p and p.endswith("labelIds.png") for p in masks.values()) else None)
+                           label_table=table if any(p and p.endswith("labelIds.png") for p in masks.values()) else None,
+                           notes=notes)
+
+
+def cityscapes_label_ids():
+    """Cityscapes' train ids (the 19 classes) as its label ids (road 7, sidewalk 8, building 11, ...), the form of
+    its benchmark's submissions: (the 19 class names, the id of each train id, the palette of label-id PNGs)."""
+    classes = sorted((c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < IGNORE),
+                     key=lambda c: c.train_id)
+    palette = [0] * 768
+    for c in torchvision.datasets.Cityscapes.classes:
+        palette[3 * max(c.id, 0):3 * max(c.id, 0) + 3] = c.color if c.id > 0 else (0, 0, 0)
+    return [c.name for c in classes], np.array([c.id for c in classes] + [0] * (256 - len(classes)), np.uint8), palette
 
 
 def own_data(root, flag):
@@ -211,6 +226,8 @@ def own_data(root, flag):
     0 and 1, are background and foreground), and val.txt, else a seeded fifth of the masked images as val."""
     images, masks, notes, mask_root = files_by_id(os.path.join(root, "images")), {}, [], os.path.join(root, "masks")
     for path in list_images(mask_root, extensions=""):
+        if os.path.basename(path).lower() in OS_FILES:
+            continue
         mask_id = os.path.splitext(os.path.relpath(path, mask_root))[0].replace(os.sep, "/")
         mask_id = mask_id if mask_id in images else mask_id.removesuffix("_mask")  # Kaggle's x_mask.png
         if path.lower().endswith((".jpg", ".jpeg")):
@@ -225,7 +242,8 @@ def own_data(root, flag):
     if len(masks) < 2:
         raise UserError(f"{flag} {root} has {len(masks)} masks in masks/; it needs two at least, to train and to "
                         "validate (COCO JSON and other exports: prepare_data.py writes their masks; see README)")
-    notes.append(f"masks: {len(masks)} of the {len(images)} images have one; the others are unlabelled")
+    notes.append(f"masks: {len(masks)} of the {len(images)} images have one; the others are unlabelled"
+                 if len(masks) < len(images) else f"masks: every one of the {len(images)} images has one")
     names, colours, table, class_notes = read_classes(root) or (None, None, None, [])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:  # every mask's values, checked now rather than in training
         found = set().union(*pool.map(lambda p: set(read_mask(p, colours=colours).unique().tolist()), masks.values()))
@@ -248,6 +266,15 @@ def own_data(root, flag):
                            val_ids, [i for i in train_ids if i in masks], table, colours, notes + class_notes)
 
 
+def check_not_val(description, ids, what):
+    """Training images must not be val images: refused, and why it happens (the data's val changed)."""
+    leaked = sorted(set(ids) & set(description.val_ids))
+    if leaked:
+        raise UserError(f"{len(leaked)} images of {what} are val images of {description.root} now (first: "
+                        f"{leaked[0]}): its val changed since (without a val.txt, val is a seeded fifth of the masked "
+                        "images, which changes as masks are added); copy the run's val.txt into the data")
+
+
 def files_by_id(folder):
     """{id: file} of the images under `folder`, the id being the path below it without extension."""
     files = {}
@@ -263,7 +290,8 @@ def choose_val(root, images, masks, notes):
     """The val ids of a dataset without a val list of its own: val.txt's, else a seeded fifth of the masked images."""
     if not os.path.exists(os.path.join(root, "val.txt")):
         masked = sorted(i for i in images if masks.get(i))
-        notes.append(f"val: {max(1, len(masked) // 5)} of the {len(masked)} masked images, a seeded fifth (no val.txt)")
+        notes.append(f"val: {max(1, len(masked) // 5)} of the {len(masked)} masked images, a seeded fifth (no val.txt: "
+                     "new masks change it)")
         return sorted(random.Random(0).sample(masked, max(1, len(masked) // 5)))
     val_ids = sorted({image_id_of(line, images) for line in read_lines(os.path.join(root, "val.txt"))})
     for image_id in val_ids:
@@ -281,13 +309,17 @@ def read_classes(root):
     nowhere (a bare "__ignore__", LabelMe's: 255). CVAT's labelmap.txt: "name:R,G,B::" lines."""
     path = next((os.path.join(root, name) for name in ["classes.txt", "class_names.txt", "labelmap.txt"]
                  if os.path.isfile(os.path.join(root, name))), None)
-    if path is None:
-        return None
+    return parse_classes(read_lines(path, numbered=True), path) if path else None
+
+
+def parse_classes(numbered_lines, path):
+    """read_classes' reading of a class list's (line number, line) pairs; prepare_data.py checks what it writes
+    with it."""
     entries, notes = [], [f"classes: from {path}"]  # (line number, name, colour, values or None)
 
     def refuse(n, what):
         raise UserError(f"{path} line {n}: {what}; see the README for a class list's lines")
-    lines = [(n, line) for n, line in read_lines(path, numbered=True) if not line.startswith("#")]  # CVAT's comment
+    lines = [(n, line) for n, line in numbered_lines if not line.startswith("#")]  # CVAT's comment lines
     if lines and lines[0][1].lower() in {"name", "names", "class", "classes", "class_name", "label", "labels"}:
         notes.append("{} line {}: {!r} read as a header, not a class".format(path, *lines.pop(0)))
     for n, line in lines:
@@ -312,8 +344,9 @@ def read_classes(root):
         if not name or name in first_line:
             refuse(n, f"{name!r} is listed twice (first on line {first_line[name]})" if name else "a name is missing")
         first_line[name] = n
-    if len(entries) < 2:
-        refuse(lines[-1][0] if lines else 1, f"{len(entries)} class; background and one more at least are needed")
+    if not 2 <= len(entries) <= IGNORE:
+        refuse(lines[-1][0] if lines else 1, f"{len(entries)} class{'es' * (len(entries) != 1)}; background and one "
+               f"more at least are needed, {IGNORE} at most (a mask's values are 0-{IGNORE - 1}; {IGNORE} is ignore)")
     colours, given = [e[2] for e in entries], [e[3] is not None for e in entries]
     if any(colours) and (not all(colours) or len(set(colours)) < len(colours)):
         raise UserError(f"{path}: give every class a colour of its own (R G B or #rrggbb), or none of them")
@@ -337,6 +370,8 @@ def colour_palette(colours=None):
     """The palette of the PNGs written: PASCAL VOC's colour map, with the classes' colours from the class list."""
     palette = [[sum((i >> (3 * bit + channel) & 1) << (7 - bit) for bit in range(8)) for channel in range(3)]
                for i in range(256)]  # class i's bits dealt to R, G, B in turn, from the top bit down
+    for near_ignore, spare in [(63, 252), (127, 253), (191, 254)]:  # greys close to the ignore colours, 255's
+        palette[near_ignore], palette[spare] = palette[spare], palette[near_ignore]  # (224, 224, 192) and white
     for colour, index in (colours or {}).items():
         palette[index] = list(colour)
     return [value for rgb in palette for value in rgb]
@@ -378,9 +413,20 @@ def read_mask(path, num_classes=None, size=None, label_table=None, colours=None)
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
+            palette = image.getpalette() if image.mode == "P" else None
             array = np.array(image.convert({"RGBA": "RGB", "LA": "L", "1": "L"}.get(image.mode, image.mode)))
     except (OSError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read mask {path}: {e}") from None
+    if palette and colours:  # a palette PNG is read by index: its colours must say the same as the class list's
+        colour_of = {c: colour for colour, c in colours.items()}
+        for value in set(np.unique(array).tolist()) - {IGNORE}:
+            drawn = tuple(palette[3 * value:3 * value + 3])
+            if colour_of.get(value) != drawn:
+                given = " ".join(map(str, colour_of.get(value, ())))
+                raise UserError(f"mask {path} is a palette PNG whose value {value} is drawn {' '.join(map(str, drawn))}"
+                                ", but the class list gives " + (f"class {value} the colour {given}" if given else
+                                                                 f"no class the value {value}")
+                                + "; correct the class list's colours or the masks")
     if array.ndim == 3 and (array == array[..., :1]).all():
         array = array[..., 0]
     elif array.ndim == 3 and colours:
@@ -635,7 +681,10 @@ class ConfusionMatrix:
         return sum(present) / len(present) if present else float("nan")
 
     def report(self, class_names):
+        """For JSON: a class without IoU is null; without any, mIoU too, with a note why."""
         per_class = {name: None if math.isnan(x) else x for name, x in zip(class_names, self.iou())}
+        if math.isnan(self.miou()):
+            return {"miou": None, "note": "no pixel with a true label: no IoU to measure", "per_class": per_class}
         return {"miou": self.miou(), "per_class": per_class}
 
 

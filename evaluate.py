@@ -21,12 +21,16 @@ indices, shown in the classes' colours; a dataset of 0/255 masks gets 0 black an
 name is the image's path without its extension, or with it where two images would share a name (a.jpg, a.png).
 An image that cannot be read or predicted is named and skipped, and the exit status is then non-zero.
 """
+import signal
+import sys
+
+# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+
 import argparse
 import collections
 import json
 import os
-import re
-import sys
 from pathlib import Path
 
 import torch
@@ -62,6 +66,9 @@ def get_args(argv=None):
                         help="the step between tiles (default: two thirds of --window)")
     parser.add_argument("--save-dir",
                         help="write the predictions here, a palette PNG per image (a new folder, or evaluate.py's)")
+    parser.add_argument("--label-ids", action="store_true",
+                        help="Cityscapes: write the predictions in its label ids (7 road, 8 sidewalk, 11 building, "
+                             "...), the form its benchmark server takes for the test set, instead of train ids")
     parser.add_argument("--json", help="write the mIoU and per-class IoU (percent), and --compare's, to this file")
     return parser.parse_args(argv)
 
@@ -78,6 +85,8 @@ def check_args(args):
                         "or --compare)")
     if args.images and not os.path.exists(args.images):
         raise UserError(f"--images {args.images} not found")
+    if args.label_ids and not args.save_dir:
+        raise UserError("--label-ids is how --save-dir's predictions are written: give --save-dir too")
 
 
 # ============================================================================= test-time augmentation and tiles
@@ -119,7 +128,16 @@ def predict(model, images, args, scale):
 
 # ============================================================================= evaluate.py
 
-def evaluate_val(model, description, args, device, scale, save=False):
+def save_prediction(path, prediction, palette, label_ids=None):
+    """A prediction as a palette PNG of class indices, or with --label-ids (label_ids: common.cityscapes_label_ids())
+    of Cityscapes' label ids."""
+    if label_ids is not None:
+        _, ids_of, palette = label_ids
+        prediction = ids_of[prediction]
+    outputs.save_mask_png(path, prediction, palette)
+
+
+def evaluate_val(model, description, args, device, scale, save=False, label_ids=None):
     """The val set's confusion matrix (every process its share), the predictions saved if asked."""
     dataset = common.SegmentationDataset(description, description.val_ids)
     loader = common.full_image_loader(dataset, args.batch_size, args.workers, args.rank, args.world_size,
@@ -132,7 +150,7 @@ def evaluate_val(model, description, args, device, scale, save=False):
         for index, prediction in zip(indices.tolist(), predictions.cpu().numpy() if save else []):
             path = os.path.join(args.save_dir, f"{dataset.ids[index]}.png")
             os.makedirs(os.path.dirname(path), exist_ok=True)  # your own data's ids may have folders in them
-            outputs.save_mask_png(path, prediction, description.palette)
+            save_prediction(path, prediction, description.palette, label_ids)
     confusion.matrix = common.sum_over_processes(confusion.matrix)
     return confusion
 
@@ -154,16 +172,24 @@ def output_names(files, root):
             names[i] = full[i]
 
 
-def predict_images(model, args, device, scale, checkpoint):
-    """Predictions for --images, one image at a time (they may all differ in size). An image that cannot be read
-    or predicted is named and skipped; returns (images, skipped)."""
+def images_to_predict(args):
+    """--images' files and the name each one's outputs take."""
     root = args.images if os.path.isdir(args.images) else os.path.dirname(args.images)
     files = common.list_images(args.images) if os.path.isdir(args.images) else [args.images]
     if not files:
         raise UserError(f"--images {args.images} holds no image ({', '.join(common.IMAGE_EXTENSIONS)})")
+    return files, output_names(files, root)
+
+
+def predict_images(model, args, device, scale, checkpoint, files, names, label_ids=None):
+    """Predictions for --images, one image at a time (they may all differ in size). An image that cannot be read
+    or predicted, or whose output name is too long, is named and skipped; returns (images, skipped)."""
     palette, skipped = checkpoint.get("palette", common.colour_palette()), 0
-    for path, name in list(zip(files, output_names(files, root)))[args.rank::args.world_size]:
+    for path, name in list(zip(files, names))[args.rank::args.world_size]:
         try:
+            if len((os.path.basename(name) + "_overlay.jpg.tmp0000000").encode()) > 255:
+                raise UserError(f"{path}: its name is too long for the files named after it (at most 255 bytes with "
+                                "_overlay.jpg.tmp<pid>); rename it")
             image = common.read_image(path)
             if min(image.shape[-2:]) * scale * min(args.scales) < common.MIN_SIDE:
                 raise UserError(f"{path} is {image.shape[-1]}x{image.shape[-2]}: too small for the model (at "
@@ -180,7 +206,7 @@ def predict_images(model, args, device, scale, checkpoint):
             skipped += 1
             continue
         os.makedirs(os.path.dirname(os.path.join(args.save_dir, name)), exist_ok=True)
-        outputs.save_mask_png(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette)
+        save_prediction(os.path.join(args.save_dir, f"{name}.png"), prediction.numpy(), palette, label_ids)
         picture = outputs.overlay(image.as_subclass(torch.Tensor), prediction, palette)
         picture = Image.fromarray(picture.permute(1, 2, 0).numpy())
         zoom = max(1, 320 // max(picture.size))  # a small image enlarged, its pixels kept sharp
@@ -191,12 +217,15 @@ def predict_images(model, args, device, scale, checkpoint):
     return len(files), int(common.sum_over_processes(torch.tensor(skipped)))
 
 
-def claim_save_dir(args, checkpoint_path, source):
+def claim_save_dir(args, checkpoint_path, source, names, reads):
     """--save-dir: a new or empty folder, or one this script wrote with the same checkpoint, images and options
-    (its predictions are then written again); never inside the folder it reads."""
+    (its predictions, named `names`, are then written again); apart from the folders it reads."""
     recipe = {"checkpoint": outputs.fingerprint(checkpoint_path), "images": os.path.realpath(source),
-              "flip": args.flip, "scales": args.scales, "window": args.window, "stride": args.stride}
-    record = outputs.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=[source])
+              "flip": args.flip, "scales": args.scales, "window": args.window, "stride": args.stride,
+              **({"label_ids": True} if args.label_ids else {})}
+    own = [os.path.join(args.save_dir, name + suffix) for name in names for suffix in [".png", "_overlay.jpg"]]
+    record = outputs.open_output(args.save_dir, "--save-dir", "evaluate.py", reads=reads,
+                                 own_files=own + [os.path.join(args.save_dir, outputs.RECORD)])
     if record is not None:
         outputs.check_same_recipe(record["recipe"], recipe, args.save_dir, "use another --save-dir")
     if args.distributed:
@@ -221,18 +250,33 @@ def check_result_file(path, flag, script, reads=()):
     if not ours:
         raise UserError(f"{flag} {path} exists and was not written by {script}; choose another file")
     folder = os.path.dirname(path) or "."
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        pid = re.fullmatch(re.escape(os.path.basename(path)) + r"\.tmp(\d+)", name)  # atomic_write's temporary
-        try:
-            os.kill(int(pid[1]), 0) if pid else None  # signal 0: does its process still run?
-        except ProcessLookupError:
-            os.remove(os.path.join(folder, name))
+    outputs.remove_stale_temporaries([path])
     try:
         os.makedirs(folder, exist_ok=True)
         outputs.write_text(f"{path}.tmp{os.getpid()}", "")
         os.remove(f"{path}.tmp{os.getpid()}")
     except (OSError, UserError):
         raise UserError(f"{flag} {path} cannot be written; choose another file") from None
+
+
+def check_checkpoints(checkpoints, description):
+    """Each checkpoint (with its path) must predict the data's classes, and must not have trained on its val."""
+    for checkpoint, path in checkpoints:
+        if checkpoint["class_names"] != description.class_names:
+            raise UserError(f"{path} predicts {len(checkpoint['class_names'])} classes but {description.root} has "
+                            f"{len(description.class_names)}, or other ones ({', '.join(checkpoint['class_names'][:3])}"
+                            f", ... against {', '.join(description.class_names[:3])}, ...); is it the right "
+                            "--data-root, with the class list it was trained with?")
+        common.check_not_val(description, checkpoint["labeled"] + checkpoint["unlabeled"], f"{path}'s training")
+
+
+def print_comparison(path, confusion, compared):
+    """--checkpoint's val mIoU above each --compare checkpoint's."""
+    width = max(len(p) for p in [path] + [r["path"] for r in compared])
+    print(f"\n{'':{width}}{'val mIoU':>10}  {path} is above it by")
+    print(f"{path:<{width}}{confusion.miou():10.2f}")
+    for r in compared:
+        print(f"{r['path']:<{width}}{r['miou']:10.2f}{r['gain']:+10.2f}")
 
 
 @torch.no_grad()
@@ -244,11 +288,16 @@ def main(argv=None):
     model = common.model_from_checkpoint(checkpoint, path, device)
     scale = checkpoint["args"].get("image_scale", 1.0)
     which = f"{path} ({'teacher' if 'teacher' in checkpoint else 'model'}, step {checkpoint['step']})"
+    label_ids = common.cityscapes_label_ids() if args.label_ids else None
+    if label_ids and checkpoint["class_names"] != label_ids[0]:
+        raise UserError(f"--label-ids: {path} does not predict Cityscapes' 19 classes")
+    reads = [outputs.input_folder(path)] + [outputs.input_folder(other) for other in args.compare]
 
     if args.images:
-        claim_save_dir(args, path, args.images)
-        outputs.interrupt_note = "the predictions written so far are whole; the same command predicts every image again"
-        total, skipped = predict_images(model, args, device, scale, checkpoint)
+        files, names = images_to_predict(args)
+        claim_save_dir(args, path, args.images, names, reads + [outputs.input_folder(args.images)])
+        outputs.interrupt_note = "the predictions written so far are whole; the same command predicts them again"
+        total, skipped = predict_images(model, args, device, scale, checkpoint, files, names, label_ids)
         print(f"predicted {total - skipped} of {total} images of {args.images} with {which}; written to "
               f"{args.save_dir}")
         if skipped:
@@ -257,10 +306,7 @@ def main(argv=None):
 
     description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
     others = [outputs.load_checkpoint(other, "--compare") for other in args.compare]
-    for other, other_path in [(checkpoint, path)] + others:
-        if len(other["class_names"]) != len(description.class_names):
-            raise UserError(f"{other_path} predicts {len(other['class_names'])} classes but {description.root} "
-                            f"has {len(description.class_names)}; is it the right --data-root?")
+    check_checkpoints([(checkpoint, path)] + others, description)
     models = [common.model_from_checkpoint(other, other_path, device) for other, other_path in others]  # checked now
     if args.json:
         check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])
@@ -269,24 +315,22 @@ def main(argv=None):
         if clash:
             raise UserError(f"the val image {clash[0]} would be written both as {clash[0]}.png and as a folder "
                             f"of another's prediction; rename the folder {clash[0]}.png")
-        claim_save_dir(args, path, description.root)
+        claim_save_dir(args, path, description.root, description.val_ids, reads + [description.root])
     outputs.interrupt_note = "nothing of the evaluation is kept but whole predictions; the same command evaluates again"
-    confusion = evaluate_val(model, description, args, device, scale, save=bool(args.save_dir))
+    confusion = evaluate_val(model, description, args, device, scale, bool(args.save_dir), label_ids)
     print(f"{which} on {len(description.val_ids)} val images of {description.root}:\n"
           f"{common.iou_table(confusion, description.class_names)}")
     result = {"written_by": "evaluate.py", "checkpoint": os.path.abspath(path), "step": checkpoint["step"],
               **confusion.report(description.class_names), "compare": {}}
+    compared = []
     for (other, other_path), other_model in zip(others, models):
         miou = evaluate_val(other_model, description, args, device, other["args"].get("image_scale", 1.0)).miou()
         name = os.path.basename(os.path.dirname(os.path.abspath(other_path)))
         result["compare"][name if name not in result["compare"] else other_path] = {
             "checkpoint": os.path.abspath(other_path), "miou": miou, "gain": confusion.miou() - miou}
+        compared.append({"path": other_path, "miou": miou, "gain": confusion.miou() - miou})
     if others:
-        width = max(len(p) for p in [path] + [p for _, p in others])
-        print(f"\n{'':{width}}{'val mIoU':>10}  {path} is above it by")
-        print(f"{path:<{width}}{confusion.miou():10.2f}")
-        for (_, other_path), r in zip(others, result["compare"].values()):
-            print(f"{other_path:<{width}}{r['miou']:10.2f}{r['gain']:+10.2f}")
+        print_comparison(path, confusion, compared)
     if args.json and common.is_main_process():
         outputs.write_json(args.json, result)
 

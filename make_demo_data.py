@@ -22,6 +22,12 @@ val}.txt, ImageSets/SegmentationAug/train_aug.txt and classes.txt; --layout fold
 masks/ for the pool's and the val images only (the others are unlabelled), val.txt and
 classes.txt. A folder written by other settings or another version is refused.
 """
+import signal
+import sys
+
+# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+
 import argparse
 import os
 
@@ -136,8 +142,9 @@ def make_sample(rng, size, field, any_colour=False):
 def main(argv=None):
     args = get_args(argv)
     common.check_numbers(args, positive=("train", "train_txt", "val", "size"), at_least_zero=("seed",))
-    if not 1 <= args.train_txt <= args.train or args.size < 16:
-        raise common.UserError("--train-txt must be from 1 to --train, and --size at least 16")
+    if not 1 <= args.train_txt <= args.train or not 16 <= args.size <= 1024:
+        raise common.UserError("--train-txt must be from 1 to --train, and --size from 16 to 1024 (at most 1024: "
+                               "each image is drawn in memory as floats)")
     recipe = {**{k: v for k, v in vars(args).items() if k != "out"}, "code": outputs.file_sha256(__file__)[:16]}
     finished = all(os.path.isfile(os.path.join(args.out, name)) for name in [outputs.RECORD, "classes.txt"])
     record = (outputs.read_record if finished else outputs.open_output)(args.out, "--out", "make_demo_data.py")

@@ -2,6 +2,7 @@
 a record of what made them), files written atomically, checkpoints, the split files, masks as palette PNGs and
 pictures with a legend; and how a script ends: one line for a user's mistake or an interrupt, never a traceback."""
 import contextlib
+import csv
 import errno
 import fcntl
 import hashlib
@@ -26,6 +27,7 @@ import common
 from common import UserError
 
 RECORD, LOCK = "run.json", "run.lock"  # in every output folder: what made it; while a command writes there: who
+ROUNDS = "labeled_rounds.csv"  # beside a run's labeled.txt: each labelled image's labelling round
 interrupt_note = "the same command again starts over"  # what Ctrl-C prints; the scripts keep it true as they go
 held_locks = []  # (folder, lock file descriptor, whether this command made the folder)
 
@@ -96,7 +98,7 @@ def process_runs(pid):
     return True
 
 
-def json_text(obj):
+def json_text(obj, indent=2):
     """JSON without NaN or infinity (which strict readers refuse): they are written as null."""
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
@@ -104,7 +106,7 @@ def json_text(obj):
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-    return json.dumps(clean(obj), indent=2, allow_nan=False) + "\n"
+    return json.dumps(clean(obj), indent=indent, allow_nan=False) + "\n"
 
 
 def write_text(path, text):
@@ -119,6 +121,36 @@ def write_ids(out, split):
     """A run's split files: {name: ids} as <name>.txt, an id a line, sorted."""
     for name, ids in split.items():
         write_text(os.path.join(out, f"{name}.txt"), "".join(f"{i}\n" for i in sorted(ids)))
+
+
+def write_rounds(out, rounds):
+    """labeled_rounds.csv: each labelled image and its labelling round (1: the first split; stage1_train.py's
+    --add-labeled adds one)."""
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["id", "round"])
+    writer.writerows(sorted(rounds.items()))
+    write_text(os.path.join(out, ROUNDS), table.getvalue())
+
+
+def read_rounds(folder):
+    """{id: labelling round} of a run folder's labelled images: its labeled_rounds.csv, else (written before
+    rounds were) round 1 for every id of its labeled.txt."""
+    path = os.path.join(folder, ROUNDS)
+    if not os.path.exists(path):
+        return {image_id: 1 for image_id in common.read_lines(os.path.join(folder, "labeled.txt"))}
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["id"]: int(row["round"]) for row in csv.DictReader(f)}
+
+
+def check_names(ids):
+    """Before any work: the files named after each image id (<id>.png, <id>.npy, while written <id>.png.tmp<pid>)
+    must fit in a file name's 255 bytes."""
+    for image_id in ids:
+        length = len((os.path.basename(image_id) + ".png.tmp" + "0" * 7).encode())
+        if length > 255:
+            raise UserError(f"the image {image_id} has a name too long for the files named after it ({length} bytes "
+                            "of at most 255, with .png.tmp<pid>); rename it")
 
 
 def pseudo_mask_path(folder, image_id):

@@ -15,6 +15,11 @@
 #   MULTITASK_EXTRA      flags for the two multi-task stages only, e.g. "--batch-unlabeled 4 --w-sup 0.5"
 #   CONTROL=1            also train the supervised controls, as long as the three stages together:
 #                        stage 1's recipe without the strong augmentation S, and with it
+#   LABEL_NEXT=DIR       the next labelling round, instead of drawing LABELED images: the labelled images of
+#                        DIR (a round of pseudo-masks, e.g. runs/demo/pseudo3) and the first LABELED images
+#                        of DIR/label_next.csv, which you have labelled since (OUT: DIR's run folder + _next)
+#                          LABEL_NEXT=runs/demo/pseudo3 ./run_pipeline.sh           the demo, 64 more labels
+#                          LABEL_NEXT=runs/mydata_50/pseudo3 ./run_pipeline.sh mydata 20
 # A rerun skips what is finished and continues what was interrupted; each script refuses a step
 # made with other flags, naming the flag, and never overwrites it.
 set -euo pipefail
@@ -22,7 +27,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 [[ "$HERE" == "$(pwd)" ]] && S="" || S="$HERE/"  # the scripts' folder, as printed in the commands
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
-    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"
     exit 0
 fi
 run() {  # print a command, shell-quoted, then run it
@@ -33,10 +38,12 @@ run() {  # print a command, shell-quoted, then run it
 }
 SEED=${SEED:-0}
 SPLIT_SEED=${SPLIT_SEED:-0}
+NEXT_OUT=""  # the next labelling round's default output folder
+[[ -n "${LABEL_NEXT:-}" ]] && NEXT_OUT="$(dirname "$LABEL_NEXT")_next"
 if [[ $# -eq 0 ]]; then
     DATA=data/demo/VOC2012
     LABELED=64
-    OUT=${OUT:-runs/demo}
+    OUT=${OUT:-${NEXT_OUT:-runs/demo}}
     run python "${S}make_demo_data.py" --out "$DATA"
     # The CPU demo (docs/demo.md): the tiny U-Net from scratch with AdamW, on 48-pixel crops.
     COMMON=(--backbone tiny_unet --no-pretrained --optimizer adamw --lr 2e-3 --head-lr-mult 1 --crop-size 48
@@ -54,7 +61,7 @@ if [[ $# -eq 0 ]]; then
 elif [[ $# -ge 2 ]]; then
     DATA=$1
     LABELED=$2
-    OUT=${3:-${OUT:-runs/$(basename "$DATA")_$LABELED}}
+    OUT=${3:-${OUT:-${NEXT_OUT:-runs/$(basename "$DATA")_$LABELED}}}
     # The scripts' defaults are the VOC recipe; Cityscapes takes its flags in EXTRA (README).
     COMMON=() STAGE1=() STAGE1_LENGTH=() STRONG=() MULTITASK=() INIT2=() INIT3=() CPU=()
 else
@@ -65,7 +72,11 @@ read -r -a EXTRA_FLAGS <<< "${EXTRA:-}"
 read -r -a STAGE1_EXTRA_FLAGS <<< "${STAGE1_EXTRA:-}"
 read -r -a MULTITASK_EXTRA_FLAGS <<< "${MULTITASK_EXTRA:-}"
 TRAIN=("${COMMON[@]}" --seed "$SEED" "${EXTRA_FLAGS[@]}")
-SPLIT=(--data-root "$DATA" --labeled "$LABELED" --split-seed "$SPLIT_SEED")
+if [[ -n "${LABEL_NEXT:-}" ]]; then
+    SPLIT=(--data-root "$DATA" --add-labeled "$LABEL_NEXT" "$LABELED")
+else
+    SPLIT=(--data-root "$DATA" --labeled "$LABELED" --split-seed "$SPLIT_SEED")
+fi
 
 run python "${S}stage1_train.py" "${SPLIT[@]}" "${TRAIN[@]}" "${STAGE1[@]}" "${STRONG[@]}" "${STAGE1_LENGTH[@]}" \
     "${STAGE1_EXTRA_FLAGS[@]}" --out "$OUT/stage1"

@@ -5,7 +5,13 @@
 
 The labelled images are drawn by --labeled N and --split-seed from the training images that have a mask (classic
 protocol on VOC: from VOC's train.txt), or read from --labeled-list; every other training image is unlabelled.
-Writes to --out: run.json (the recipe), labeled.txt, unlabeled.txt and val.txt (the split), checkpoint.pt
+After a round of pseudo-masks, --add-labeled DIR K trains again on DIR's labelled images and the first K of its
+label_next.csv, which you have labelled since:
+
+    python stage1_train.py --data-root mydata --add-labeled runs/mydata_50/pseudo3 20 --out runs/round2/stage1
+
+Writes to --out: run.json (the recipe), labeled.txt, unlabeled.txt and val.txt (the split), labeled_rounds.csv
+(each labelled image's labelling round: 1 for the first split, one more with each --add-labeled), checkpoint.pt
 (weights, optimiser, step, random state), history.jsonl (progress lines and val evaluations) and metrics.json (val
 mIoU and per-class IoU, in percent). The default length is the authors' budget: 100,000 labelled images seen
 (6,250 steps at batch 16).
@@ -14,7 +20,14 @@ The same command again continues an interrupted run from its last checkpoint and
 run never stopped (on the CPU; GPU kernels need not be deterministic); it leaves a finished run alone. --resume
 --out DIR does the same without repeating the flags. A command with another recipe is refused, naming the flag.
 """
+import signal
+import sys
+
+# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+
 import argparse
+import csv
 import math
 import os
 import random
@@ -45,6 +58,10 @@ def get_args_parser():
     data.add_argument("--split-seed", type=int, default=0, help="seed of the labelled draw (default: %(default)s)")
     data.add_argument("--labeled-list", help="file of labelled images: bare ids or the field's 'image mask' lines")
     data.add_argument("--unlabeled-list", help="file of unlabelled images (default: every other training image)")
+    data.add_argument("--add-labeled", nargs=2, metavar=("DIR", "K"),
+                      help="the next labelling round, instead of --labeled: the labelled images of DIR's split (a "
+                           "stage2_pseudolabel.py --out) and the first K images of its label_next.csv, whose masks "
+                           "you have added to the data since")
     data.add_argument("--batch-size", type=int, default=16,
                       help="labelled images a step, over all processes (default: %(default)s)")
     data.add_argument("--strong-aug", action="store_true",
@@ -76,9 +93,47 @@ def read_split_file(path, description, flag):
     return ids
 
 
+def next_round(description, folder, count):
+    """--add-labeled DIR K: {id: labelling round} of DIR's labelled images and, one round later, of the first K
+    images of its label_next.csv, each of which must have a mask by now."""
+    record = outputs.read_record(folder, "--add-labeled", "stage2_pseudolabel.py")
+    ranking = os.path.join(folder, "label_next.csv")
+    if not os.path.exists(ranking):
+        raise UserError(f"--add-labeled {folder} has no label_next.csv; run the command that made it again")
+    if record["recipe"]["data_root"] != os.path.realpath(description.root):
+        raise UserError(f"--add-labeled {folder} was made on {record['recipe']['data_root']}, not on --data-root "
+                        f"{description.root}")
+    val = os.path.join(folder, "val.txt")
+    if os.path.exists(val) and common.read_lines(val) != sorted(description.val_ids):
+        raise UserError(f"the val images of {description.root} are no longer those of {val}: without a val.txt, val "
+                        "is a seeded fifth of the masked images, which changes as masks are added; copy that val.txt "
+                        "into the data and run this again")
+    rounds = outputs.read_rounds(folder)
+    with open(ranking, newline="", encoding="utf-8") as f:
+        ranked = [row["id"] for row in csv.DictReader(f)]
+    if not count.isdigit() or not 1 <= int(count) <= len(ranked):
+        raise UserError(f"--add-labeled {folder} {count}: K must be a number from 1 to {len(ranked)}, the images "
+                        "ranked in its label_next.csv")
+    added = ranked[:int(count)]
+    unlabelled = [i for i in added if not description.masks.get(i)]
+    if unlabelled:
+        raise UserError(f"--add-labeled: {len(unlabelled)} of the first {count} images of {ranking} have no mask yet "
+                        f"(first: {unlabelled[0]}, rank {added.index(unlabelled[0]) + 1}); label them, or give a "
+                        "smaller K")
+    return {**rounds, **{i: max(rounds.values()) + 1 for i in added}}
+
+
 def make_split(description, args):
-    """The labelled and unlabelled training ids (both sorted). A labelled image always has a mask."""
-    if args.labeled_list:
+    """The labelled and unlabelled training ids (both sorted), and each labelled image's labelling round. A
+    labelled image always has a mask."""
+    rounds = None
+    if args.add_labeled:
+        if args.labeled is not None or args.labeled_list:
+            raise UserError("--add-labeled takes the labelled images from its DIR: leave out --labeled and "
+                            "--labeled-list")
+        rounds = next_round(description, *args.add_labeled)
+        labeled = list(rounds)
+    elif args.labeled_list:
         labeled = read_split_file(args.labeled_list, description, "--labeled-list")
         if args.labeled is not None and args.labeled != len(labeled):
             raise UserError(f"--labeled {args.labeled} but --labeled-list {args.labeled_list} lists "
@@ -98,7 +153,8 @@ def make_split(description, args):
         unlabeled = [i for i in listed if i not in chosen]
     else:
         unlabeled = sorted(training_ids - chosen)
-    for flag, ids in [("--labeled-list", labeled), ("--unlabeled-list", unlabeled)]:
+    for flag, ids in [("--add-labeled" if args.add_labeled else "--labeled-list", labeled),
+                      ("--unlabeled-list", unlabeled)]:
         in_val = sorted(set(ids) & set(description.val_ids))
         if in_val:
             raise UserError(f"{flag}: {len(in_val)} ids are val images (first: {in_val[0]}); training on them "
@@ -110,7 +166,7 @@ def make_split(description, args):
     for image_id in labeled:
         if description.masks.get(image_id) is None:
             raise UserError(f"labelled id {image_id} has no mask in {description.root}")
-    return sorted(labeled), sorted(unlabeled)
+    return sorted(labeled), sorted(unlabeled), rounds or {i: 1 for i in labeled}
 
 
 def augment(crop_size, scale_range, strong):
@@ -142,15 +198,13 @@ def train_one_step(model, images, masks, optimizer, scheduler, amp):
 
 def main(argv=None):
     args = training.parse_args(get_args_parser(), argv, "stage1_train.py")
-    run = training.start_run(args, "stage1_train.py")
+    training.check_batch(args, args.batch_size, "--batch-size")
+    run = training.start_run(args, "stage1_train.py", lambda description, checkpoint: make_split(description, args)
+                             if checkpoint is None else training.split_of(checkpoint))
     if run is None:
         return
-    args, description, device, checkpoint = run
-    training.check_batch(args, args.batch_size, "--batch-size")
+    args, description, device, checkpoint, (labeled, unlabeled, rounds) = run
     torch.manual_seed(args.seed)
-    labeled, unlabeled = ((checkpoint["labeled"], checkpoint["unlabeled"]) if checkpoint
-                          else make_split(description, args))
-    training.write_split(args.out, description, labeled, unlabeled)
     if args.iters is None:
         args.iters = math.ceil((args.epochs * len(labeled) if args.epochs else IMAGES_SEEN) / args.batch_size)
     print(f"{args.iters} steps of {args.batch_size} on {device}"
@@ -160,11 +214,7 @@ def main(argv=None):
     model = common.build_model(args.backbone, len(class_names), args.weights)
     optimizer, scheduler = training.make_optimizer(model, args)
     model = training.prepare_model(model, args, device)
-    step = 0
-    if checkpoint is not None:
-        training.restore(checkpoint, os.path.join(args.out, "checkpoint.pt"), {"model": training.unwrapped(model)},
-                         optimizer, scheduler)
-        step = checkpoint["step"]
+    step = training.restore(checkpoint, args.out, {"model": training.unwrapped(model)}, optimizer, scheduler)
 
     crop = (args.crop_size * 2)[:2]  # one number: a square
     scale_range = [args.image_scale * s for s in args.scale_range]  # relative to the image as read
@@ -179,8 +229,8 @@ def main(argv=None):
     def save(step):
         outputs.save_checkpoint(args.out, step, model=training.unwrapped(model).state_dict(),
                                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), args=vars(args),
-                                labeled=labeled, unlabeled=unlabeled, class_names=class_names,
-                                palette=description.palette, stage=1)
+                                labeled=labeled, unlabeled=unlabeled, labeled_rounds=rounds,
+                                class_names=class_names, palette=description.palette, stage=1)
 
     progress = training.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:

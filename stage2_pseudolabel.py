@@ -12,7 +12,8 @@ round.)
 full image, at the scale the model was trained at, and written as <out>/masks/<id>.png: a palette PNG of class
 indices at the image's original size (a dataset of 0/255 masks gets 0 black and 1 white). On Cityscapes the ego
 vehicle's region (found in the labelled images' masks) is 255. <out> also holds:
-  - labeled.txt, unlabeled.txt: the checkpoint's split, which stage3_multitask.py trains with;
+  - labeled.txt, unlabeled.txt, val.txt, labeled_rounds.csv: the checkpoint's split, which stage3_multitask.py
+    trains with, the data's val images, and the labelling round of each labelled image;
   - stats.json, the figures printed: quality (mIoU and per-class IoU against the true masks, wherever a true mask
     exists, for the unlabelled and the labelled images apart); uncertainty (mean max-probability, mean per-pixel
     entropy in nats (at most ln C), the share of pixels whose max-probability is at least 0.9, a histogram of
@@ -30,6 +31,12 @@ vehicle's region (found in the labelled images' masks) is 255. <out> also holds:
 The same command again finishes an interrupted run and leaves a finished one alone; a folder of another
 checkpoint's pseudo-masks is refused, unless --overwrite, which removes only what this script wrote there.
 """
+import signal
+import sys
+
+# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+
 import argparse
 import collections
 import concurrent.futures
@@ -54,7 +61,8 @@ from common import UserError
 BINS = 10  # of max-probability over [0, 1]
 CONFIDENT = 0.9
 SCRIPT = "stage2_pseudolabel.py"
-OWN_FILES = ["stats.json", "preview.png", "label_next.csv", "label_next.png", "labeled.txt", "unlabeled.txt"]
+OWN_FILES = ["stats.json", "preview.png", "label_next.csv", "label_next.png", "labeled.txt", "unlabeled.txt",
+             "val.txt", outputs.ROUNDS]
 
 
 def get_args(argv=None):
@@ -289,14 +297,21 @@ def image_files(out, image_id, confidence=True):
 def check_data(checkpoint, path, description):
     """The checkpoint's classes and split must be the dataset's; every image's files must have a place."""
     class_names, ids = checkpoint["class_names"], checkpoint["labeled"] + checkpoint["unlabeled"]
-    if len(description.class_names) != len(class_names):
-        raise UserError(f"{path} predicts {len(class_names)} classes but {description.root} has "
-                        f"{len(description.class_names)}; is it the right --data-root?")
-    training = set(description.train_ids)
-    absent = [i for i in ids if i not in training]
+    if description.class_names != class_names:
+        raise UserError(f"{path} predicts the {len(class_names)} classes {', '.join(class_names[:3])}, ... but "
+                        f"{description.root} lists {len(description.class_names)}: "
+                        f"{', '.join(description.class_names[:3])}, ...; is it the right --data-root, with the class "
+                        "list it was trained with?")
+    training_ids = set(description.train_ids)
+    absent = [i for i in ids if i not in training_ids]
+    if absent and os.path.realpath(description.root) == os.path.realpath(checkpoint["args"]["data_root"]):
+        raise UserError(f"{path} was trained with the image {absent[0]}, which is no longer a training image of "
+                        f"{description.root} ({len(absent)} such: removed, or now val?); put it back, or train again "
+                        "from stage 1")
     if absent:
         raise UserError(f"{path} was trained with the image {absent[0]}, which is not a training image of "
                         f"{description.root} ({len(absent)} such); is it the right --data-root?")
+    outputs.check_names(ids)
     clash = outputs.clashing(ids, [".png", ".npy"])
     if clash:
         raise UserError(f"the image {clash[0]} would be written both as a file and as a folder of another "
@@ -329,7 +344,7 @@ def remove_own_files(out):
             os.remove(path)
 
 
-def start_out(args, recipe, checkpoint, checkpoint_path):
+def start_out(args, recipe, checkpoint, checkpoint_path, description):
     """The record, the split files and the folders of --out, before the first pseudo-mask; a stats.json of an
     earlier run is removed, as it marks a finished folder."""
     labeled, unlabeled = checkpoint["labeled"], checkpoint["unlabeled"]
@@ -339,7 +354,8 @@ def start_out(args, recipe, checkpoint, checkpoint_path):
         outputs.write_json(os.path.join(args.out, outputs.RECORD), {
             "script": SCRIPT, "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path),
             "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model"})
-        outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled})
+        outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled, "val": description.val_ids})
+        outputs.write_rounds(args.out, {i: checkpoint.get("labeled_rounds", {}).get(i, 1) for i in labeled})
         for folder in {os.path.dirname(path) for i in labeled + unlabeled
                        for path in image_files(args.out, i, args.save_confidence)}:
             os.makedirs(folder, exist_ok=True)  # with your own data, ids may have folders in them
@@ -444,7 +460,7 @@ def main(argv=None):
         if previous:
             print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
         return
-    start_out(args, recipe, checkpoint, checkpoint_path)
+    start_out(args, recipe, checkpoint, checkpoint_path, description)
     which = "teacher" if "teacher" in checkpoint else "model"
     print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "
           f"labelling with the {which} of {checkpoint_path} (the paper's stage {checkpoint.get('stage')}, step "

@@ -25,6 +25,12 @@ run never stopped (on the CPU). The training flags below, the augmentation (the 
 progress lines and the validation are those of stage 1 (training.py, which both use); the data, the losses, the
 teacher and the step are this file's.
 """
+import signal
+import sys
+
+# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
+signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+
 import argparse
 import copy
 import math
@@ -226,18 +232,17 @@ def main(argv=None):
         raise UserError(f"give --pseudo DIR, the pseudo-masks of the previous round ({PSEUDO_SCRIPT}'s --out)")
     if not (args.ema_decay or 0) < 1 or not args.w_sup + args.w_con > 0:
         raise UserError("--ema-decay must be below 1, and --w-sup and --w-con not both 0")
-    if args.data_root is None:  # the data the pseudo-masks were made on
-        args.data_root = outputs.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)["recipe"]["data_root"]
-    run = training.start_run(args, "stage3_multitask.py", reads=["pseudo", "init"], inputs=inputs)
-    if run is None:
-        return
-    args, description, device, checkpoint = run
+    pseudo = outputs.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)
+    args.data_root = args.data_root or pseudo["recipe"]["data_root"]  # default: the data the masks were made on
     training.check_batch(args, args.batch_labeled + (args.batch_unlabeled if args.w_con else 0),
                          "--batch-labeled + --batch-unlabeled")
+    run = training.start_run(args, "stage3_multitask.py", lambda description, _: (
+        *pseudo_split(args.pseudo, pseudo, description), outputs.read_rounds(args.pseudo)),
+        reads=["pseudo", "init"], inputs=inputs)
+    if run is None:
+        return
+    args, description, device, checkpoint, (labeled, unlabeled, rounds) = run
     torch.manual_seed(args.seed)
-    pseudo = outputs.read_record(args.pseudo, "--pseudo", PSEUDO_SCRIPT)
-    labeled, unlabeled = pseudo_split(args.pseudo, pseudo, description)
-    training.write_split(args.out, description, labeled, unlabeled)
     everything = sorted(labeled + unlabeled)  # the unlabelled stream: the whole training set
     if args.iters is None:
         args.iters = math.ceil(args.epochs * len(everything) / args.batch_unlabeled) if args.epochs else DEFAULT_ITERS
@@ -254,11 +259,8 @@ def main(argv=None):
     optimizer, scheduler = training.make_optimizer(student, args)
     student = training.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head
     teacher, update_teacher = make_teacher(training.unwrapped(student))
-    step = 0
-    if checkpoint is not None:
-        training.restore(checkpoint, os.path.join(args.out, "checkpoint.pt"),
-                         {"model": training.unwrapped(student), "teacher": teacher}, optimizer, scheduler)
-        step = checkpoint["step"]
+    step = training.restore(checkpoint, args.out, {"model": training.unwrapped(student), "teacher": teacher},
+                            optimizer, scheduler)
     teacher = torch.compile(teacher) if args.compile else teacher
 
     weak = training.weak_augment((args.crop_size * 2)[:2], [args.image_scale * s for s in args.scale_range])
@@ -280,7 +282,7 @@ def main(argv=None):
             args.out, step, model=training.unwrapped(student).state_dict(),
             teacher=training.unwrapped(teacher).state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict(), args=vars(args), labeled=labeled, unlabeled=unlabeled,
-            class_names=class_names, palette=description.palette, stage=paper_stage)
+            labeled_rounds=rounds, class_names=class_names, palette=description.palette, stage=paper_stage)
 
     progress = training.Progress(args.out, step, args.iters, args.print_every)
     while step < args.iters:

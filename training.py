@@ -73,7 +73,7 @@ def add_training_args(parser, default_length):
 
 
 RUN_FILES = [outputs.RECORD, "checkpoint.pt", "history.jsonl", "metrics.json", "labeled.txt", "unlabeled.txt",
-             "val.txt"]  # what a training run writes in --out
+             "val.txt", outputs.ROUNDS]  # what a training run writes in --out
 RUNNING_FLAGS = ("out", "resume", "device", "amp", "channels_last", "compile", "workers", "eval_every", "save_every",
                  "print_every")
 POSITIVE = ("iters", "epochs", "lr", "image_scale", "scale_range", "crop_size", "save_every", "print_every",
@@ -100,12 +100,15 @@ def parse_args(parser, argv, script):
     return args
 
 
-def start_run(args, script, reads=(), inputs=None):
-    """Stages 1 and 3 before training: check the flags; take --out (new, empty, or this script's run there, which
-    the same command continues, and does not redo once finished), apart from the data and the folders of the flags
-    in `reads` (a checkpoint file: its folder); refuse to continue a run of another recipe, in which `inputs(args)`
-    stands for the flags naming input files (by their content, so that folders may move); read the dataset; write
-    the record. Returns (args, description, device, checkpoint or None), or None when the run in --out is finished."""
+def start_run(args, script, make_split, reads=(), inputs=None):
+    """Stages 1 and 3 before training, in this order so that a refusal leaves nothing behind: check the flags;
+    take --out (new, empty, or this script's run there, which the same command continues, and does not redo once
+    finished), apart from the data and the folders of the flags in `reads` (a checkpoint file: its folder); refuse
+    to continue a run of another recipe, in which `inputs(args)` stands for the flags naming input files (by their
+    content, so that folders may move); read the dataset; make the split, make_split(description, checkpoint or
+    None) -> (labeled, unlabeled, {id: labelling round}), and check it and every labelled and val mask; then write
+    the record and the split files. Returns (args, description, device, checkpoint or None, split), or None when
+    the run in --out is finished."""
     if min(args.crop_size) < common.MIN_SIDE or len(args.crop_size) > 2:
         raise UserError(f"--crop-size {' '.join(map(str, args.crop_size))}: one number or two (HEIGHT WIDTH), "
                         f"each at least {common.MIN_SIDE}")
@@ -129,46 +132,75 @@ def start_run(args, script, reads=(), inputs=None):
         if os.path.exists(os.path.join(args.out, "metrics.json")):
             print(f"{args.out} holds this run, finished (metrics.json): nothing to do")
             return None
-        checkpoint, path = outputs.load_checkpoint(args.out, "--out")
-        held = (checkpoint["args"].get("backbone"), checkpoint["args"].get("aux_head"), len(checkpoint["class_names"]))
-        if held != (args.backbone, getattr(args, "aux_head", None), len(description.class_names)):
-            raise UserError(f"{path} holds a {held[0]} model of {held[2]} classes (auxiliary head: {held[1]}), "
-                            "not this run's; it is not the run's checkpoint: move it away or use another --out")
-        print(f"continuing the run in {args.out} from step {checkpoint['step']}")
+        checkpoint = checkpoint_to_continue(args, description)
+    split = make_split(description, checkpoint)
+    describe_data(description, *split)
     if args.distributed:
         dist.barrier()  # every process has looked at --out before the first one writes there
     if common.is_main_process():
         outputs.write_json(os.path.join(args.out, outputs.RECORD), {"script": script, "recipe": recipe, "args": flags})
+        labeled, unlabeled, rounds = split
+        outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled, "val": description.val_ids})
+        outputs.write_rounds(args.out, {i: rounds.get(i, 1) for i in labeled})
     step = checkpoint["step"] if checkpoint else 0
     outputs.interrupt_note = (f"the same command continues from step {step}, the last checkpoint" if step else
                               f"no checkpoint yet (one every --save-every {args.save_every} steps): the same command "
                               "starts the run again")
-    return args, description, device, checkpoint
+    return args, description, device, checkpoint, split
 
 
-def write_split(out, description, labeled, unlabeled):
-    """The split files of a training run (labeled.txt, unlabeled.txt, val.txt), and its first lines: what the
-    data holds, so that a wrong layout shows at once. Every labelled and val mask is read here, so that a bad one
-    stops the run before training rather than after it."""
+def split_of(checkpoint):
+    """The split a run's checkpoint trained with: (labeled, unlabeled, {id: labelling round})."""
+    return checkpoint["labeled"], checkpoint["unlabeled"], checkpoint.get("labeled_rounds", {})
+
+
+def checkpoint_to_continue(args, description):
+    """The checkpoint of the interrupted run in --out, which must be of this run's model."""
+    checkpoint, path = outputs.load_checkpoint(args.out, "--out")
+    held = (checkpoint["args"].get("backbone"), checkpoint["args"].get("aux_head"), len(checkpoint["class_names"]))
+    if held != (args.backbone, getattr(args, "aux_head", None), len(description.class_names)):
+        raise UserError(f"{path} holds a {held[0]} model of {held[2]} classes (auxiliary head: {held[1]}), "
+                        "not this run's; it is not the run's checkpoint: move it away or use another --out")
+    if checkpoint["class_names"] != description.class_names:
+        changed = next(f"{a!r} is now {b!r}" for a, b in zip(checkpoint["class_names"], description.class_names)
+                       if a != b)
+        raise UserError(f"{path} was trained with other classes than {description.root}'s class list gives now "
+                        f"({changed}); restore the class list, or train anew into another --out")
+    print(f"continuing the run in {args.out} from step {checkpoint['step']}")
+    return checkpoint
+
+
+def describe_data(description, labeled, unlabeled, rounds):
+    """A training run's first lines: what the data and the split hold, so that a wrong layout shows at once. Every
+    training image's header and every labelled and val mask are read here, so that a bad one stops the run before
+    training rather than after it (or in the next stage)."""
     d, names = description, description.class_names
-    if common.is_main_process():
-        outputs.write_ids(out, {"labeled": labeled, "unlabeled": unlabeled, "val": d.val_ids})
+    common.check_not_val(d, labeled + unlabeled, "this run's split")
+    outputs.check_names(labeled + unlabeled + d.val_ids)
     masked = sum(bool(d.masks[i]) for i in d.train_ids)
     print(f"{d.kind} data in {d.root}: {len(d.train_ids)} training images ({masked} with a mask, "
           f"{len(d.train_ids) - masked} without), {len(d.val_ids)} val images, {len(names)} classes", *d.notes,
           sep="\n")
-    print(f"this run: {len(labeled)} labelled and {len(unlabeled)} unlabelled training images")
+    added = sum(rounds.get(i, 1) > 1 for i in labeled)
+    print(f"this run: {len(labeled)} labelled and {len(unlabeled)} unlabelled training images"
+          + (f" ({added} labelled in later rounds: {outputs.ROUNDS})" if added else ""))
 
     def pixels(image_id):
-        mask = common.read_mask(d.masks[image_id], len(names), None, d.label_table, d.colours).numpy()
+        size = common.image_size(d.images[image_id])  # also a mask of another size than its image's stops it now
+        mask = common.read_mask(d.masks[image_id], len(names), size, d.label_table, d.colours).numpy()
         return np.bincount(mask.ravel(), minlength=256)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: common.image_size(d.images[i]), unlabeled))  # one stage 2 cannot read: named now
         for what, ids in [("labelled", labeled), ("val", d.val_ids)]:
             counts = sum(pool.map(pixels, ids), np.zeros(256, dtype=np.int64))
             total = max(counts.sum(), 1)
             shares = ", ".join(f"{n} {100 * c / total:.1f}%" for n, c in zip(names, counts))
             print(textwrap.fill(f"pixels of the {len(ids)} {what} masks: {shares}; ignored (255): "
                                 f"{100 * counts[common.IGNORE] / total:.1f}%", 116, subsequent_indent="  "))
+            if not counts[:common.IGNORE].any():
+                raise UserError(f"every pixel of the {len(ids)} {what} masks is {common.IGNORE} (ignore): there is "
+                                f"nothing to {'learn' if what == 'labelled' else 'measure'}; check the masks and the "
+                                "class list's values")
             absent = [n for n, c in zip(names, counts) if c == 0]
             if absent and what == "labelled":
                 print(textwrap.fill(f"note: the labelled masks have no pixel of {', '.join(absent[:10])}"
@@ -261,9 +293,13 @@ def unwrapped(model):
     return getattr(model, "module", model)
 
 
-def restore(checkpoint, path, modules, optimizer, scheduler):
-    """A run's state from its checkpoint: weights ({key: module}), optimiser, schedule and the random state (the
-    model's dropout draws from it); after the model is on its device, so the optimiser's state follows it there."""
+def restore(checkpoint, out, modules, optimizer, scheduler):
+    """The step to start at: 0, or with the checkpoint of the run in `out` to continue, its step, its state
+    restored: weights ({key: module}), optimiser, schedule and the random state (the model's dropout draws from
+    it); after the model is on its device, so the optimiser's state follows it there."""
+    if checkpoint is None:
+        return 0
+    path = os.path.join(out, "checkpoint.pt")
     try:
         for key, module in modules.items():
             module.load_state_dict(checkpoint[key])
@@ -276,15 +312,17 @@ def restore(checkpoint, path, modules, optimizer, scheduler):
         torch.set_rng_state(checkpoint["rng_state"])
         if torch.cuda.is_available() and "cuda_rng_state" in checkpoint:
             torch.cuda.set_rng_state(checkpoint["cuda_rng_state"])
+    return checkpoint["step"]
 
 
 # ============================================================================= progress, validation
 
 def check_batch(args, images, flags):
     """DeepLabv3's image pooling normalises over the batch: each process needs two images a step at least."""
-    if args.backbone != "tiny_unet" and images < 2 * args.world_size:
+    processes = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; checked before the processes meet
+    if args.backbone != "tiny_unet" and images < 2 * processes:
         raise UserError(f"{flags} {images}: DeepLabv3's image pooling normalises over the batch, so each of the "
-                        f"{args.world_size} processes needs at least 2 images a step")
+                        f"{processes} processes needs at least 2 images a step")
 
 
 def val_loader(description, args):
@@ -338,13 +376,13 @@ def final_report(args, step, confusions, progress, class_names):
                            {"step": step, **main.report(class_names), **{"aux_miou": c.miou() for c in aux}})
 
 
-
-
 def check_finite(losses, step):
+    """Stop a run whose training diverged; its flags are its record's, so a lower --lr is a new run."""
     for name, value in losses.items():
         value = float(value.detach() if torch.is_tensor(value) else value)
         if not math.isfinite(value):
-            raise UserError(f"{name} became {value} by step {step}; lower --lr (the last checkpoint is kept)")
+            raise UserError(f"{name} became {value} by step {step}: the training diverged; train again with a lower "
+                            "--lr, into another --out")
 
 
 class Progress:
@@ -380,7 +418,7 @@ class Progress:
         try:
             if self.path:
                 with open(self.path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(outputs.json_text(record, indent=None))
         except OSError as e:
             raise UserError(f"cannot write {self.path}: {e.strerror}; free space on its disk, then run the same "
                             "command again") from None

@@ -92,6 +92,15 @@ TINY_TRAIN = ["--backbone", "tiny_unet", "--no-pretrained", "--crop-size", "24",
               "--iters", "2", "--workers", "0", "--device", "cpu", "--print-every", "1"]
 
 
+@pytest.fixture(scope="module")
+def pseudo_masks(voc_template, tmp_path_factory):
+    """A stage-1 run on the tiny VOC tree (s1) and its pseudo-masks (p1)."""
+    base = tmp_path_factory.mktemp("runs")
+    run_script("stage1_train.py", "--data-root", voc_template, "--labeled", 4, *TINY_TRAIN, "--out", base / "s1")
+    run_script("stage2_pseudolabel.py", "--checkpoint", base / "s1", "--out", base / "p1", "--workers", 0)
+    return base
+
+
 def run_script(script, *args, check=True, subprocess_run=False):
     """Run a script as a user does; returns a CompletedProcess (stdout and stderr as text).
 

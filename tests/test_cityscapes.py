@@ -18,8 +18,8 @@ from conftest import (CS_RAW_TO_TRAIN, CS_SIZE, CS_TRAIN, CS_VAL, ROOT, assert_u
 
 def make_split(description, labeled, seed=0, labeled_list=None):
     args = argparse.Namespace(labeled=labeled, protocol="classic", split_seed=seed, labeled_list=labeled_list,
-                              unlabeled_list=None)
-    return stage1_train.make_split(description, args)
+                              unlabeled_list=None, add_labeled=None)
+    return stage1_train.make_split(description, args)[:2]
 
 
 TRAIN = sorted(i for ids in CS_TRAIN.values() for i in ids)

@@ -19,8 +19,8 @@ def describe(root):
 
 def split(root, labeled, protocol="classic", seed=0, labeled_list=None, unlabeled_list=None):
     args = argparse.Namespace(labeled=labeled, protocol=protocol, split_seed=seed, labeled_list=labeled_list,
-                              unlabeled_list=unlabeled_list)
-    return stage1_train.make_split(describe(root), args)
+                              unlabeled_list=unlabeled_list, add_labeled=None)
+    return stage1_train.make_split(describe(root), args)[:2]
 
 
 def test_training_ids_come_from_the_aug_folder_minus_val(voc_root):

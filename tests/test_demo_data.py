@@ -21,8 +21,8 @@ def test_demo_data_is_a_valid_voc_tree(tmp_path):
     assert names == ["background", "disk", "square", "triangle", "ring", "cross"]
     assert len(description.train_ids) == 9 and len(description.val_ids) == 3
     # The classic protocol draws the labelled images from train.txt's four only.
-    args = argparse.Namespace(labeled=2, protocol="classic", split_seed=0, labeled_list=None, unlabeled_list=None)
-    labeled, unlabeled = stage1_train.make_split(description, args)
+    args = argparse.Namespace(labeled=2, protocol="classic", split_seed=0, labeled_list=None, unlabeled_list=None, add_labeled=None)
+    labeled, unlabeled, _ = stage1_train.make_split(description, args)
     assert len(labeled) == 2 and set(labeled) <= {f"train_{i:05d}" for i in range(4)} and len(unlabeled) == 7
     dataset = common.SegmentationDataset(description, labeled + unlabeled)
     labels = np.unique(np.concatenate([dataset[i][1].numpy().ravel() for i in range(len(dataset))]))

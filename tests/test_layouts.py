@@ -207,24 +207,6 @@ def test_oxford_pet_trimaps_after_one_command_values_mapped_not_rewritten(tmp_pa
     assert mask[10, 10] == 1 and mask[0, 0] == 0 and mask[4, 10] == 255
 
 
-def test_ade20k_after_one_command(tmp_path):
-    source = tmp_path / "ADEChallengeData2016"
-    for split, count in [("training", 6), ("validation", 2)]:
-        for index in range(count):
-            name = f"ADE_{split[:5]}_{index:08d}"
-            save(str(source / "images" / split / f"{name}.jpg"), image_of(index))
-            save(str(source / "annotations" / split / f"{name}.png"), classes_of(index) + 1)  # 0 is "other"
-    with open(source / "objectInfo150.csv", "w", newline="") as f:
-        table = csv.writer(f)
-        table.writerow(["Idx", "Ratio", "Train", "Val", "Name"])
-        table.writerows([[1, 0.15, 100, 10, "wall"], [2, 0.1, 90, 9, "building;edifice"], [3, 0.09, 80, 8, "sky"]])
-    root, said = prepare(source, tmp_path / "data")
-    assert (root / "classes.txt").read_text().splitlines() == ["__ignore__ = 0", "wall = 1", "building = 2", "sky = 3"]
-    d, val, stats = run_scripts(root, tmp_path)
-    assert d.class_names == ["wall", "building", "sky"] and len(d.val_ids) == 2
-    assert np.array_equal(common.SegmentationDataset(d, [d.train_ids[0]])[0][1].numpy(), classes_of(0))
-
-
 def test_coco_polygons_and_rle_after_one_command(tmp_path):
     source = tmp_path / "coco"
     images, annotations = [], []

@@ -84,8 +84,9 @@ def test_images_are_read_as_a_viewer_shows_them(tmp_path):
 
 
 def test_one_image_file_is_predicted_too(checkpoint, tmp_path):
-    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "photo.jpg")
-    result = predict(checkpoint, tmp_path / "photo.jpg", tmp_path / "out")
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "photos" / "photo.jpg")
+    result = predict(checkpoint, tmp_path / "photos" / "photo.jpg", tmp_path / "out")
     assert "predicted 1 of 1 images" in result.stdout
     assert Image.open(tmp_path / "out" / "photo.png").size == (30, 20)
 

@@ -39,8 +39,9 @@ def test_writes_a_palette_png_of_class_indices_per_training_image(trained, tmp_p
     # A row per chosen unlabelled image, four 160-pixel columns (image, truth, pseudo-mask, confidence), a legend.
     rows = min(8, len(saved["unlabeled"]))
     assert preview.size[0] == 4 * 164 + 4 and 18 + rows * 178 + 24 <= preview.size[1] <= 18 + rows * 178 + 6 + 18 * 4
-    assert sorted(os.listdir(out)) == ["confidence", "image_stats", "label_next.csv", "label_next.png", "labeled.txt",
-                                       "masks", "preview.png", "run.json", "stats.json", "unlabeled.txt"]
+    assert sorted(os.listdir(out)) == ["confidence", "image_stats", "label_next.csv", "label_next.png",
+                                       "labeled.txt", "labeled_rounds.csv", "masks", "preview.png", "run.json",
+                                       "stats.json", "unlabeled.txt", "val.txt"]
     assert sorted(os.listdir(os.path.join(out, "masks"))) == sorted(f"{i}.png" for i in TRAIN_IDS)
     model = common.model_from_checkpoint(saved, checkpoint).eval()
     for index, image_id in enumerate(TRAIN_IDS):

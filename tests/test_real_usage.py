@@ -76,14 +76,6 @@ def test_a_resumed_stage1_run_ends_with_the_weights_of_one_never_stopped(voc_roo
     assert (json.load(open(tmp_path / "whole" / "metrics.json")) == json.load(open(tmp_path / "resumed" / "metrics.json")))
 
 
-@pytest.fixture(scope="module")
-def pseudo_masks(voc_template, tmp_path_factory):
-    base = tmp_path_factory.mktemp("resume")
-    run_script("stage1_train.py", "--data-root", voc_template, "--labeled", 4, *TINY_TRAIN, "--out", base / "s1")
-    run_script("stage2_pseudolabel.py", "--checkpoint", base / "s1", "--out", base / "p1", "--workers", 0)
-    return base
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_multitask_run_ends_with_the_weights_of_one_never_stopped(pseudo_masks, tmp_path, monkeypatch,
                                                                              workers):
@@ -180,8 +172,8 @@ def test_a_full_disk_ends_in_one_line_leaves_nothing_half_written_and_a_rerun_co
                             preexec_fn=limited(1))  # the tiny model's checkpoint is a few MB
     assert_user_error(result, f"cannot write {tmp_path / 'run' / 'checkpoint.pt'}: File too large; free space on its "
                               "disk, then run the same command again")
-    assert sorted(os.listdir(tmp_path / "run")) == ["history.jsonl", "labeled.txt", "run.json", "unlabeled.txt",
-                                                    "val.txt"]  # no half checkpoint, no temporary file, no lock
+    assert sorted(os.listdir(tmp_path / "run")) == ["history.jsonl", "labeled.txt", "labeled_rounds.csv", "run.json",
+                                                    "unlabeled.txt", "val.txt"]  # no half checkpoint, no .tmp, no lock
     run_script("stage1_train.py", *command[2:])
     assert (tmp_path / "run" / "metrics.json").exists()
 

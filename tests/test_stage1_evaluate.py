@@ -23,8 +23,8 @@ def stage1_run(voc_root, tmp_path):
 
 def test_stage1_writes_checkpoint_split_and_metrics(stage1_run):
     voc_root, out, result = stage1_run
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "history.jsonl", "labeled.txt", "metrics.json", "run.json",
-                                       "unlabeled.txt", "val.txt"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "history.jsonl", "labeled.txt", "labeled_rounds.csv",
+                                       "metrics.json", "run.json", "unlabeled.txt", "val.txt"]
     assert "step 2/2  loss" in result.stdout and "it/s  eta" in result.stdout and "mIoU" in result.stdout
     labeled = open(os.path.join(out, "labeled.txt")).read().split()
     unlabeled = open(os.path.join(out, "unlabeled.txt")).read().split()
