@@ -236,9 +236,11 @@ def main(argv=None):
     args.data_root = args.data_root or pseudo["recipe"]["data_root"]  # default: the data the masks were made on
     training.check_batch(args, args.batch_labeled + (args.batch_unlabeled if args.w_con else 0),
                          "--batch-labeled + --batch-unlabeled")
-    run = training.start_run(args, "stage3_multitask.py", lambda description, _: (
-        *pseudo_split(args.pseudo, pseudo, description), outputs.read_rounds(args.pseudo)),
-        reads=["pseudo", "init"], inputs=inputs)
+
+    def split(description, _):
+        """The split of the pseudo-masks (a continued run's too), with its labelling rounds."""
+        return (*pseudo_split(args.pseudo, pseudo, description), outputs.read_rounds(args.pseudo))
+    run = training.start_run(args, "stage3_multitask.py", split, reads=["pseudo", "init"], inputs=inputs)
     if run is None:
         return
     args, description, device, checkpoint, (labeled, unlabeled, rounds) = run

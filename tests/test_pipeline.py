@@ -114,6 +114,23 @@ def test_the_chain_runs_on_your_own_data(tmp_path):
     assert json.load(open(tmp_path / "run" / "summary.json"))["compare"]["stage1"]["miou"] >= 0
 
 
+def test_the_next_labelling_round_is_one_command(finished, tmp_path):
+    """LABEL_NEXT: the labelled images of a round of pseudo-masks and the first LABELED images of its
+    label_next.csv (the tiny tree's all have masks), the whole method again, into the run's folder + _next."""
+    voc_root, _, _ = finished
+    run = copy_of(finished, tmp_path)
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_pipeline.sh"), voc_root, "2"], capture_output=True,
+                            text=True, cwd=ROOT, timeout=900, env={**os.environ, "EXTRA": TINY, "LABEL_NEXT":
+                                                                   f"{run}/pseudo3", "STAGE1_EXTRA": "--epochs 2"})
+    assert result.returncode == 0, result.stderr
+    assert commands(result.stdout)[0][2:7] == ["--data-root", voc_root, "--add-labeled", f"{run}/pseudo3", "2"]
+    before = open(os.path.join(run, "stage1", "labeled.txt")).read().split()
+    added = [line.split(",")[1] for line in open(os.path.join(run, "pseudo3", "label_next.csv")).read().split()[1:3]]
+    after = open(f"{run}_next/stage1/labeled.txt").read().split()
+    assert after == sorted(before + added) and os.path.exists(f"{run}_next/summary.json")
+    assert open(f"{run}_next/pseudo3/labeled_rounds.csv").read().count(",2\n") == 2
+
+
 def test_help_and_bad_arguments():
     result = subprocess.run(["bash", os.path.join(ROOT, "run_pipeline.sh"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "CONTROL=1" in result.stdout and result.stdout.startswith("The whole method")
