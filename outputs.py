@@ -110,7 +110,7 @@ def json_text(obj, indent=2):
 
 
 def write_text(path, text):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path, obj):

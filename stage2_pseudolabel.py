@@ -23,9 +23,11 @@ vehicle's region (found in the labelled images' masks) is 255. <out> also holds:
     mask, the pseudo-masks of the --previous rounds and of this one and, with --save-confidence, the confidence,
     with a legend of the classes;
   - label_next.csv and label_next.png: the unlabelled images without a mask (all unlabelled images where every
-    one has a mask), ranked by the model's uncertainty about them, the mean entropy of their predicted
-    probabilities, most uncertain first. It ranks what the model is unsure of, not what it gets wrong: where true
-    masks exist, stats.json gives the ranking's Spearman correlation with the pixel error;
+    one has a mask), ranked by the model's uncertainty about them, most uncertain first: by their mean margin
+    p1 - p2 between the two most probable classes of each pixel, smallest first (docs/demo.md measures it
+    against a random choice). It ranks what the model is unsure of, not what it gets wrong: where true masks
+    exist, stats.json gives the Spearman correlation of the ranking (and of one by mean entropy, also in the
+    table) with the pixel error;
   - image_stats/<id>.npy, each image's figures; with --save-confidence, confidence/<id>.png (max-probability, 255
     = 1.0).
 The same command again finishes an interrupted run and leaves a finished one alone; a folder of another
@@ -59,6 +61,7 @@ import outputs
 from common import UserError
 
 BINS = 10  # of max-probability over [0, 1]
+RANKED_BY = "mean margin p1 - p2 between the two most probable classes of each pixel, smallest first"
 CONFIDENT = 0.9
 SCRIPT = "stage2_pseudolabel.py"
 OWN_FILES = ["stats.json", "preview.png", "label_next.csv", "label_next.png", "labeled.txt", "unlabeled.txt",
@@ -90,7 +93,7 @@ def get_args(argv=None):
 def stat_fields(num_classes):
     """The figures of one image's pseudo-mask, by name and length, in the order of its row in image_stats/."""
     return {"confusion": num_classes * num_classes,  # against the true mask, where there is one
-            "pixels": 1, "sum_max_prob": 1, "sum_entropy": 1, "confident": 1, "has_truth": 1,
+            "pixels": 1, "sum_max_prob": 1, "sum_entropy": 1, "sum_margin": 1, "confident": 1, "has_truth": 1,
             "histogram": BINS,  # pixels by max-probability bin; then, of the pixels with a true label, by bin:
             "judged": BINS, "correct": BINS, "judged_max_prob": BINS}  # how many, how many right, their max-prob
 
@@ -107,7 +110,8 @@ def batch_stats(probs, targets, num_classes, ignore_region=None):
     """The pseudo-masks of a batch (N, H, W; ignore_region set to 255), their max-probability and each image's
     figures (stat_fields) as a row. All on the device, so that a batch is read back at once."""
     n = len(probs)
-    max_prob, prediction = probs.max(1)
+    top2, top2_classes = probs.topk(2, dim=1)
+    max_prob, prediction = top2[:, 0], top2_classes[:, 0]
     if ignore_region is not None:
         prediction[:, ignore_region] = common.IGNORE
     entropy = torch.special.entr(probs).sum(1)  # -p ln p, summed over the classes
@@ -125,7 +129,8 @@ def batch_stats(probs, targets, num_classes, ignore_region=None):
         return values.double().flatten(1).sum(1, keepdim=True)
     fields = {"confusion": per_image(targets.long() * num_classes + prediction.long(), num_classes ** 2, judged),
               "pixels": per_image_sum(torch.ones_like(max_prob)), "sum_max_prob": per_image_sum(max_prob),
-              "sum_entropy": per_image_sum(entropy), "confident": per_image_sum(max_prob >= CONFIDENT),
+              "sum_entropy": per_image_sum(entropy), "sum_margin": per_image_sum(top2[:, 0] - top2[:, 1]),
+              "confident": per_image_sum(max_prob >= CONFIDENT),
               "has_truth": judged.flatten(1).any(1, keepdim=True).double(), "histogram": per_image(bins, BINS),
               "judged": per_image(bins, BINS, judged),
               "correct": per_image(bins, BINS, judged & (prediction == targets)),
@@ -165,25 +170,32 @@ def summarize(out, labeled, unlabeled, class_names):
 
 
 def rank_to_label(out, description, unlabeled, class_names):
-    """The unlabelled images without a mask (all of them where each has one), most uncertain first, with their
-    figures; and, over those with a true mask, the Spearman correlation of the ranking's mean entropy with the
-    share of wrong pixels (the ranking measures uncertainty; this says how far it follows the error)."""
+    """The unlabelled images without a mask (all of them where each has one), ranked by their mean margin p1 - p2
+    between the two most probable classes of each pixel, smallest first: first the images whose pixels the model
+    is most torn between two classes about (on the demo, labelling those first beat a random choice by more than
+    the mean entropy did: docs/demo.md); and, over those with a true mask, the Spearman correlations of the
+    ranking by margin and of a ranking by entropy with the share of wrong pixels (the rankings measure
+    uncertainty; these say how far each follows the error)."""
     candidates = [i for i in unlabeled if not description.masks.get(i)] or list(unlabeled)
     f = load_rows(out, candidates, len(class_names))
     pixels, judged = f["pixels"][:, 0], f["judged"].sum(1)
-    entropy, error = f["sum_entropy"][:, 0] / pixels, 1 - f["correct"].sum(1) / np.maximum(judged, 1)
-    order = np.argsort(-entropy, kind="stable")
-    rows = [{"rank": rank + 1, "id": candidates[i], "mean_entropy": round(float(entropy[i]), 4),
+    margin, entropy = f["sum_margin"][:, 0] / pixels, f["sum_entropy"][:, 0] / pixels
+    error = 1 - f["correct"].sum(1) / np.maximum(judged, 1)
+    order = np.argsort(margin, kind="stable")
+    rows = [{"rank": rank + 1, "id": candidates[i], "mean_margin": round(float(margin[i]), 4),
+             "mean_entropy": round(float(entropy[i]), 4),
              "mean_max_prob": round(float(f["sum_max_prob"][i, 0] / pixels[i]), 4),
              "below_0.9": round(float(1 - f["confident"][i, 0] / pixels[i]), 4),
              "has_mask": bool(description.masks.get(candidates[i])),
              "pixel_error": round(float(error[i]), 4) if judged[i] else None} for rank, i in enumerate(order)]
     truth = judged > 0
-    spearman = None
-    if truth.sum() >= 3 and np.ptp(entropy[truth]) > 0 and np.ptp(error[truth]) > 0:
-        ranks = [np.argsort(np.argsort(x[truth])) for x in (entropy, error)]
-        spearman = float(np.corrcoef(*ranks)[0, 1])
-    return rows, spearman
+
+    def spearman(score):
+        if truth.sum() < 3 or np.ptp(score[truth]) == 0 or np.ptp(error[truth]) == 0:
+            return None
+        ranks = [np.argsort(np.argsort(x[truth])) for x in (score, error)]
+        return float(np.corrcoef(*ranks)[0, 1])
+    return rows, {"margin": spearman(-margin), "entropy": spearman(entropy)}
 
 
 def print_summary(stats, class_names):
@@ -208,10 +220,10 @@ def print_summary(stats, class_names):
                           if b["accuracy"] is not None)
         print(f"reliability, unlabelled (accuracy of the pixels by max-probability): {cells}; "
               f"calibration error {100 * u['calibration_error']:.1f} points")
-    n, rho = stats["label_next"]["images"], stats["label_next"]["spearman_entropy_vs_error"]
-    print(f"to label next: {n} images ranked by the model's uncertainty in label_next.csv, the most uncertain in "
-          "label_next.png" + (f"; on those with a true mask, its rank correlation with the pixel error: {rho:.2f}"
-                              if rho is not None else ""))
+    n, rho = stats["label_next"]["images"], stats["label_next"]["spearman_vs_error"]["margin"]
+    correlation = "" if rho is None else f"; on those with a true mask, its rank correlation with the error: {rho:.2f}"
+    print(f"to label next: {n} images in label_next.csv, the smallest mean margin between two classes (the most "
+          f"uncertain) first; the first eight in label_next.png{correlation}")
 
 
 def print_rounds(folders, rounds):
@@ -353,7 +365,8 @@ def start_out(args, recipe, checkpoint, checkpoint_path, description):
     if common.is_main_process():
         outputs.write_json(os.path.join(args.out, outputs.RECORD), {
             "script": SCRIPT, "recipe": recipe, "checkpoint": os.path.abspath(checkpoint_path),
-            "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model"})
+            "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model",
+            "figures": list(stat_fields(len(checkpoint["class_names"])))})
         outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled, "val": description.val_ids})
         outputs.write_rounds(args.out, {i: checkpoint.get("labeled_rounds", {}).get(i, 1) for i in labeled})
         for folder in {os.path.dirname(path) for i in labeled + unlabeled
@@ -406,8 +419,7 @@ def write_reports(args, model, description, checkpoint, stats, image_scale, devi
     """The pictures and the ranking of the images to label next, then stats.json, which marks the folder finished."""
     unlabeled = checkpoint["unlabeled"]
     ranked, spearman = rank_to_label(args.out, description, unlabeled, description.class_names)
-    stats["label_next"] = {"images": len(ranked), "ranked_by": "mean entropy of the predicted probabilities",
-                           "spearman_entropy_vs_error": spearman}
+    stats["label_next"] = {"images": len(ranked), "ranked_by": RANKED_BY, "spearman_vs_error": spearman}
 
     def confidence(image_id):
         """An image's max-probability as a grey panel (white: 1)."""
@@ -432,7 +444,7 @@ def write_reports(args, model, description, checkpoint, stats, image_scale, devi
     write_sheet(os.path.join(args.out, "label_next.png"),
                 ["image", "true mask", "pseudo-mask", "confidence (white: 1)"],
                 [image_and_masks(description, r["id"], [args.out]) + confidence(r["id"]) for r in top],
-                [f"{r['rank']}. {r['id']}: mean entropy {r['mean_entropy']:.3f}"
+                [f"{r['rank']}. {r['id']}: mean margin {r['mean_margin']:.3f}"
                  + ("" if r["has_mask"] else " (no true mask)") for r in top],
                 description)
     outputs.write_json(os.path.join(args.out, "stats.json"), stats)  # last: the folder is finished
@@ -460,6 +472,8 @@ def main(argv=None):
         if previous:
             print_rounds(args.previous + [f"{args.out} (this round)"], previous + [stats["unlabeled"]])
         return
+    if record is not None and record.get("figures") != list(stat_fields(len(class_names))):
+        todo = sorted(labeled + unlabeled)  # an earlier version's figures of each image: all made again
     start_out(args, recipe, checkpoint, checkpoint_path, description)
     which = "teacher" if "teacher" in checkpoint else "model"
     print(f"{len(labeled) + len(unlabeled)} training images, {len(labeled) + len(unlabeled) - len(todo)} already done; "

@@ -300,9 +300,11 @@ def test_the_images_to_label_next_are_ranked_by_the_models_uncertainty(tmp_path)
     d, _, stats = run_scripts(root, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "p1" / "label_next.csv")))
     assert [r["id"] for r in rows] and {r["id"] for r in rows} == {str(i) for i in range(6, 12)}  # those without a mask
-    entropies = [float(r["mean_entropy"]) for r in rows]
-    assert entropies == sorted(entropies, reverse=True) and [int(r["rank"]) for r in rows] == list(range(1, 7))
-    assert stats["label_next"]["ranked_by"] == "mean entropy of the predicted probabilities"
+    margins = [float(r["mean_margin"]) for r in rows]
+    assert margins == sorted(margins) and [int(r["rank"]) for r in rows] == list(range(1, 7))
+    assert stats["label_next"]["ranked_by"].startswith("mean margin p1 - p2") and "smallest first" in (
+        stats["label_next"]["ranked_by"])
+    assert list(rows[0])[:4] == ["rank", "id", "mean_margin", "mean_entropy"]  # the score it ranks by, first
     assert Image.open(tmp_path / "p1" / "label_next.png").size[0] == 4 * 164 + 4
 
 

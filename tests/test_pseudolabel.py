@@ -83,10 +83,11 @@ def test_batch_stats_by_hand():
     assert prediction.tolist() == [[[0, 1]]] and max_prob.flatten().tolist() == pytest.approx([0.85, 0.65])
     assert row[:4].tolist() == [1, 0, 0, 0]  # confusion: one pixel, truth 0 predicted 0; the 255 pixel left out
     entropy = -(0.85 * math.log(0.85) + 0.15 * math.log(0.15)) - (0.35 * math.log(0.35) + 0.65 * math.log(0.65))
-    pixels, sum_max, sum_entropy, confident, has_truth = row[4:9]
+    pixels, sum_max, sum_entropy, sum_margin, confident, has_truth = row[4:10]
     assert (pixels, confident, has_truth) == (2, 0, 1)
     assert sum_max == pytest.approx(1.5) and sum_entropy == pytest.approx(entropy)
-    histogram, with_truth, correct, truth_prob = row[9:].reshape(4, 10)
+    assert sum_margin == pytest.approx((0.85 - 0.15) + (0.65 - 0.35))  # p1 - p2, summed
+    histogram, with_truth, correct, truth_prob = row[10:].reshape(4, 10)
     assert histogram[6] == 1 and histogram[8] == 1 and histogram.sum() == 2  # [0.6, 0.7) and [0.8, 0.9)
     assert with_truth.tolist() == [0] * 8 + [1, 0] and correct.tolist() == [0] * 8 + [1, 0]  # only pixel 0 has truth
     assert truth_prob[8] == pytest.approx(0.85) and truth_prob.sum() == pytest.approx(0.85)
@@ -234,3 +235,20 @@ def test_bad_inputs(trained, tmp_path):
     (other / "ImageSets" / "Segmentation" / "val.txt").write_text(f"{TRAIN_IDS[0]}\n")  # now a val image
     result = pseudolabel(checkpoint, str(tmp_path / "p3"), "--data-root", str(other), check=False)
     assert_user_error(result, f"was trained with the image {TRAIN_IDS[0]}, which is not a training image of {other}")
+
+
+def test_an_unfinished_folder_of_an_earlier_version_is_made_again_whole(trained, tmp_path):
+    """Its per-image figures lack what this version ranks by: every image is labelled again, none mixed."""
+    _, checkpoint = trained
+    out = tmp_path / "pseudo"
+    pseudolabel(checkpoint, out)
+    record = json.loads((out / "run.json").read_text())
+    del record["figures"]  # as written before the margin was among them
+    (out / "run.json").write_text(json.dumps(record))
+    os.remove(out / "stats.json")
+    length = len(np.load(out / "image_stats" / f"{TRAIN_IDS[0]}.npy"))
+    for image_id in TRAIN_IDS:  # an earlier version's rows, one figure short
+        np.save(out / "image_stats" / f"{image_id}.npy", np.zeros(length - 1))
+    result = pseudolabel(checkpoint, out)
+    assert f"{len(TRAIN_IDS)} training images, 0 already done" in result.stdout
+    assert all(len(np.load(out / "image_stats" / f"{i}.npy")) == length for i in TRAIN_IDS)
