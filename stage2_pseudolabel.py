@@ -172,10 +172,10 @@ def summarize(out, labeled, unlabeled, class_names):
 def rank_to_label(out, description, unlabeled, class_names):
     """The unlabelled images without a mask (all of them where each has one), ranked by their mean margin p1 - p2
     between the two most probable classes of each pixel, smallest first: first the images whose pixels the model
-    is most torn between two classes about (on the demo, labelling those first beat a random choice by more than
-    the mean entropy did: docs/demo.md); and, over those with a true mask, the Spearman correlations of the
-    ranking by margin and of a ranking by entropy with the share of wrong pixels (the rankings measure
-    uncertainty; these say how far each follows the error)."""
+    is most torn between two classes about (on the demo, neither this nor the mean entropy beats a random choice
+    clearly; the margin did better on average: docs/demo.md); and, over those with a true mask, the Spearman
+    correlations of the ranking by margin and of a ranking by entropy with the share of wrong pixels (the rankings
+    measure uncertainty; these say how far each follows the error)."""
     candidates = [i for i in unlabeled if not description.masks.get(i)] or list(unlabeled)
     f = load_rows(out, candidates, len(class_names))
     pixels, judged = f["pixels"][:, 0], f["judged"].sum(1)
