@@ -317,7 +317,13 @@ def coco(source):
         named = os.path.basename(json_path) + " " + os.path.basename(os.path.dirname(json_path))  # file, folder
         words = set(re.findall(r"[a-z]+", named.lower()))
         split = "test" if words & {"test", "testing"} else "val" if words & {"val", "valid", "validation"} else "train"
-        ids = {i: coco_file(json_path, image["file_name"], by_name, everything) for i, image in images.items()}
+        ids = {}
+        for coco_id, image in images.items():
+            try:
+                ids[coco_id] = coco_file(json_path, image["file_name"], by_name, everything)
+            except UserError:
+                if split != "test":  # a test set's images are left out: they need not be there
+                    raise
         read[json_path] = (images, annotations, categories, kind, split, ids)
     masks, val, held_out, categories, listed_in = {}, [], set(), {}, {}
     for json_path, (images, annotations, json_categories, kind, split, ids) in read.items():

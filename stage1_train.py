@@ -200,7 +200,8 @@ def main(argv=None):
     args = training.parse_args(get_args_parser(), argv, "stage1_train.py")
     training.check_batch(args, args.batch_size, "--batch-size")
     run = training.start_run(args, "stage1_train.py", lambda description, checkpoint: make_split(description, args)
-                             if checkpoint is None else training.split_of(checkpoint))
+                             if checkpoint is None else training.split_of(checkpoint),
+                             reads=[args.add_labeled[0]] if args.add_labeled else [])
     if run is None:
         return
     args, description, device, checkpoint, (labeled, unlabeled, rounds) = run

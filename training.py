@@ -103,7 +103,7 @@ def parse_args(parser, argv, script):
 def start_run(args, script, make_split, reads=(), inputs=None):
     """Stages 1 and 3 before training, in this order so that a refusal leaves nothing behind: check the flags;
     take --out (new, empty, or this script's run there, which the same command continues, and does not redo once
-    finished), apart from the data and the folders of the flags in `reads` (a checkpoint file: its folder); refuse
+    finished), apart from the data and the input folders or files in `reads` (a checkpoint file: its folder); refuse
     to continue a run of another recipe, in which `inputs(args)` stands for the flags naming input files (by their
     content, so that folders may move); read the dataset; make the split, make_split(description, checkpoint or
     None) -> (labeled, unlabeled, {id: labelling round}), and check it and every labelled and val mask; then write
@@ -114,7 +114,7 @@ def start_run(args, script, make_split, reads=(), inputs=None):
                         f"each at least {common.MIN_SIDE}")
     if args.scale_range[0] > args.scale_range[1]:
         raise UserError("--scale-range MIN MAX: MIN must not be above MAX")
-    sources = [args.data_root] + [outputs.input_folder(getattr(args, flag)) for flag in reads if getattr(args, flag)]
+    sources = [args.data_root] + [outputs.input_folder(path) for path in reads if path]
     record = outputs.open_output(args.out, "--out", script, reads=sources,
                                  own_files=[os.path.join(args.out, name) for name in RUN_FILES])
     flags = dict(vars(args))

@@ -97,6 +97,9 @@ def test_the_next_round_refuses_what_it_cannot_do(tmp_path):
     other = str(tmp_path / "other")
     write_own_data(other, count=14, masked=8)
     assert_user_error(next_round("--add-labeled", tmp_path / "p1", 1, data_root=other), "was made on", "not on")
+    inside = run_script("stage1_train.py", "--data-root", root, "--add-labeled", tmp_path / "p1", 1, *TINY_TRAIN,
+                        "--out", tmp_path / "p1" / "next", check=False)
+    assert_user_error(inside, f"--out {tmp_path / 'p1' / 'next'} is inside {tmp_path / 'p1'}")
     os.remove(tmp_path / "p1" / "label_next.csv")
     assert_user_error(next_round("--add-labeled", tmp_path / "p1", 1), "has no label_next.csv")
     assert not os.path.exists(tmp_path / "s2")

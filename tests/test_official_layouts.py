@@ -58,7 +58,7 @@ def coco_json(images, annotations, categories=({"id": 1, "name": "cat"}, {"id": 
 
 def test_coco_as_downloaded_with_the_same_file_names_in_train2017_and_val2017(tmp_path):
     """annotations/instances_{train,val}2017.json with bare file names; captions and person keypoints beside them;
-    train2017/ and val2017/ share file names; test2017/ has no JSON."""
+    train2017/ and val2017/ share file names; image_info_test2017.json lists test2017/ (one image not there)."""
     source = tmp_path / "coco"
     box = [[4, 4, 20, 4, 20, 16, 4, 16]]
     for split, category in [("train2017", 1), ("val2017", 2)]:
@@ -76,10 +76,13 @@ def test_coco_as_downloaded_with_the_same_file_names_in_train2017_and_val2017(tm
         keypoints = [{**a, "keypoints": [0] * 51, "num_keypoints": 0} for a in instances]
         (source / "annotations" / f"person_keypoints_{split}.json").write_text(coco_json(images, keypoints))
     save(str(source / "test2017" / "000000000001.jpg"), image_of(50))
+    save(str(source / "test2017" / "000000000002.jpg"), image_of(51))  # in no JSON
+    test_info = [{"id": i, "file_name": f"{i:012d}.jpg", "height": SIZE[0], "width": SIZE[1]} for i in [1, 7]]
+    (source / "annotations" / "image_info_test2017.json").write_text(coco_json(test_info, []))  # 7: not there
     root, said = prepare(source, tmp_path / "data")
     assert "captions_train2017.json (captions: no masks)" in said
     assert "person_keypoints_val2017.json (keypoints: images another JSON holds the masks of)" in said
-    assert "left out: the 1 images of test folders in no JSON" in said
+    assert "image_info_test2017.json (a test set)" in said and "the 1 images of test folders in no JSON" in said
     assert (root / "classes.txt").read_text() == "background\ncat\ndog\n"
     assert (root / "val.txt").read_text() == "val2017/000000000001\nval2017/000000000002\n"
     train, val_mask = (np.array(Image.open(root / "masks" / s / "000000000001.png")) for s in ["train2017", "val2017"])
