@@ -275,6 +275,17 @@ def check_not_val(description, ids, what):
                         "images, which changes as masks are added); copy the run's val.txt into the data")
 
 
+def check_checkpoint_fits(checkpoint, path, description):
+    """A checkpoint must predict the data's classes and must not have trained on its val images."""
+    names = checkpoint["class_names"]
+    if names != description.class_names:
+        raise UserError(f"{path} predicts {len(names)} classes but {description.root} has "
+                        f"{len(description.class_names)}, or other ones ({', '.join(names[:3])}, ... against "
+                        f"{', '.join(description.class_names[:3])}, ...); is it the right --data-root, with the class "
+                        "list it was trained with?")
+    check_not_val(description, checkpoint["labeled"] + checkpoint["unlabeled"], f"{path}'s training")
+
+
 def files_by_id(folder):
     """{id: file} of the images under `folder`, the id being the path below it without extension."""
     files = {}

@@ -259,17 +259,6 @@ def check_result_file(path, flag, script, reads=()):
         raise UserError(f"{flag} {path} cannot be written; choose another file") from None
 
 
-def check_checkpoints(checkpoints, description):
-    """Each checkpoint (with its path) must predict the data's classes, and must not have trained on its val."""
-    for checkpoint, path in checkpoints:
-        if checkpoint["class_names"] != description.class_names:
-            raise UserError(f"{path} predicts {len(checkpoint['class_names'])} classes but {description.root} has "
-                            f"{len(description.class_names)}, or other ones ({', '.join(checkpoint['class_names'][:3])}"
-                            f", ... against {', '.join(description.class_names[:3])}, ...); is it the right "
-                            "--data-root, with the class list it was trained with?")
-        common.check_not_val(description, checkpoint["labeled"] + checkpoint["unlabeled"], f"{path}'s training")
-
-
 def print_comparison(path, confusion, compared):
     """--checkpoint's val mIoU above each --compare checkpoint's."""
     width = max(len(p) for p in [path] + [r["path"] for r in compared])
@@ -306,7 +295,8 @@ def main(argv=None):
 
     description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
     others = [outputs.load_checkpoint(other, "--compare") for other in args.compare]
-    check_checkpoints([(checkpoint, path)] + others, description)
+    for other, other_path in [(checkpoint, path)] + others:
+        common.check_checkpoint_fits(other, other_path, description)
     models = [common.model_from_checkpoint(other, other_path, device) for other, other_path in others]  # checked now
     if args.json:
         check_result_file(args.json, "--json", "evaluate.py", reads=[description.root])

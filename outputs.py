@@ -123,13 +123,13 @@ def write_ids(out, split):
         write_text(os.path.join(out, f"{name}.txt"), "".join(f"{i}\n" for i in sorted(ids)))
 
 
-def write_rounds(out, rounds):
-    """labeled_rounds.csv: each labelled image and its labelling round (1: the first split; stage1_train.py's
-    --add-labeled adds one)."""
+def write_rounds(out, labeled, rounds):
+    """labeled_rounds.csv: each labelled image and its labelling round in `rounds` (1 where not given: the first
+    split; stage1_train.py's --add-labeled adds one)."""
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["id", "round"])
-    writer.writerows(sorted(rounds.items()))
+    writer.writerows((i, rounds.get(i, 1)) for i in sorted(labeled))
     write_text(os.path.join(out, ROUNDS), table.getvalue())
 
 

@@ -422,8 +422,9 @@ def coco_region(segmentation, height, width):
             if len(polygon) >= 6:
                 ImageDraw.Draw(canvas).polygon(polygon, fill=1)
         return np.asarray(canvas).astype(bool)
-    flat = np.repeat(np.arange(len(rle_counts(segmentation["counts"]))) % 2, rle_counts(segmentation["counts"]))
-    return flat.astype(bool).reshape(width, height).T  # runs of 0 and 1, column by column
+    counts = rle_counts(segmentation["counts"])
+    flat = np.repeat(np.arange(len(counts)) % 2, counts)  # runs of 0 and 1, column by column
+    return flat.astype(bool).reshape(width, height).T
 
 
 # ============================================================================= writing the layout

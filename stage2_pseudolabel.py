@@ -308,12 +308,7 @@ def image_files(out, image_id, confidence=True):
 
 def check_data(checkpoint, path, description):
     """The checkpoint's classes and split must be the dataset's; every image's files must have a place."""
-    class_names, ids = checkpoint["class_names"], checkpoint["labeled"] + checkpoint["unlabeled"]
-    if description.class_names != class_names:
-        raise UserError(f"{path} predicts the {len(class_names)} classes {', '.join(class_names[:3])}, ... but "
-                        f"{description.root} lists {len(description.class_names)}: "
-                        f"{', '.join(description.class_names[:3])}, ...; is it the right --data-root, with the class "
-                        "list it was trained with?")
+    ids = checkpoint["labeled"] + checkpoint["unlabeled"]
     training_ids = set(description.train_ids)
     absent = [i for i in ids if i not in training_ids]
     if absent and os.path.realpath(description.root) == os.path.realpath(checkpoint["args"]["data_root"]):
@@ -323,6 +318,7 @@ def check_data(checkpoint, path, description):
     if absent:
         raise UserError(f"{path} was trained with the image {absent[0]}, which is not a training image of "
                         f"{description.root} ({len(absent)} such); is it the right --data-root?")
+    common.check_checkpoint_fits(checkpoint, path, description)
     outputs.check_names(ids)
     clash = outputs.clashing(ids, [".png", ".npy"])
     if clash:
@@ -368,7 +364,7 @@ def start_out(args, recipe, checkpoint, checkpoint_path, description):
             "step": checkpoint["step"], "weights": "teacher" if "teacher" in checkpoint else "model",
             "figures": list(stat_fields(len(checkpoint["class_names"])))})
         outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled, "val": description.val_ids})
-        outputs.write_rounds(args.out, {i: checkpoint.get("labeled_rounds", {}).get(i, 1) for i in labeled})
+        outputs.write_rounds(args.out, labeled, checkpoint.get("labeled_rounds", {}))
         for folder in {os.path.dirname(path) for i in labeled + unlabeled
                        for path in image_files(args.out, i, args.save_confidence)}:
             os.makedirs(folder, exist_ok=True)  # with your own data, ids may have folders in them

@@ -141,7 +141,7 @@ def start_run(args, script, make_split, reads=(), inputs=None):
         outputs.write_json(os.path.join(args.out, outputs.RECORD), {"script": script, "recipe": recipe, "args": flags})
         labeled, unlabeled, rounds = split
         outputs.write_ids(args.out, {"labeled": labeled, "unlabeled": unlabeled, "val": description.val_ids})
-        outputs.write_rounds(args.out, {i: rounds.get(i, 1) for i in labeled})
+        outputs.write_rounds(args.out, labeled, rounds)
     step = checkpoint["step"] if checkpoint else 0
     outputs.interrupt_note = (f"the same command continues from step {step}, the last checkpoint" if step else
                               f"no checkpoint yet (one every --save-every {args.save_every} steps): the same command "
