@@ -24,18 +24,21 @@ on it as a user does (--script-steps each), then sets each script's own steady r
 history.jsonl after the first lines; stage 2's images/s from its start to its last file) beside
 the step benchmark's figure for the same shapes. Everything is written to --json.
 """
+import os
 import signal
-import sys
 
-# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
-signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+# A Ctrl-C or SIGTERM while the imports below run (seconds) ends the command in one line. Nothing is written yet, so
+# it quits at once: an exception raised in the middle of numpy's import would come back as another error's traceback.
+if __name__ == "__main__":  # imported (by the tests, benchmark.py), a module leaves the importer's signals alone
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: (os.write(2, b"interrupted while starting: nothing was done\n"), os._exit(1)))
 
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path

@@ -21,16 +21,19 @@ indices, shown in the classes' colours; a dataset of 0/255 masks gets 0 black an
 name is the image's path without its extension, or with it where two images would share a name (a.jpg, a.png).
 An image that cannot be read or predicted is named and skipped, and the exit status is then non-zero.
 """
+import os
 import signal
-import sys
 
-# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
-signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+# A Ctrl-C or SIGTERM while the imports below run (seconds) ends the command in one line. Nothing is written yet, so
+# it quits at once: an exception raised in the middle of numpy's import would come back as another error's traceback.
+if __name__ == "__main__":  # imported (by the tests, benchmark.py), a module leaves the importer's signals alone
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: (os.write(2, b"interrupted while starting: nothing was done\n"), os._exit(1)))
 
 import argparse
 import collections
 import json
-import os
+import sys
 from pathlib import Path
 
 import torch

@@ -22,14 +22,16 @@ val}.txt, ImageSets/SegmentationAug/train_aug.txt and classes.txt; --layout fold
 masks/ for the pool's and the val images only (the others are unlabelled), val.txt and
 classes.txt. A folder written by other settings or another version is refused.
 """
+import os
 import signal
-import sys
 
-# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
-signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+# A Ctrl-C or SIGTERM while the imports below run (seconds) ends the command in one line. Nothing is written yet, so
+# it quits at once: an exception raised in the middle of numpy's import would come back as another error's traceback.
+if __name__ == "__main__":  # imported (by the tests, benchmark.py), a module leaves the importer's signals alone
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: (os.write(2, b"interrupted while starting: nothing was done\n"), os._exit(1)))
 
 import argparse
-import os
 
 import numpy as np
 from PIL import Image

@@ -20,16 +20,18 @@ The same command again continues an interrupted run from its last checkpoint and
 run never stopped (on the CPU; GPU kernels need not be deterministic); it leaves a finished run alone. --resume
 --out DIR does the same without repeating the flags. A command with another recipe is refused, naming the flag.
 """
+import os
 import signal
-import sys
 
-# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
-signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+# A Ctrl-C or SIGTERM while the imports below run (seconds) ends the command in one line. Nothing is written yet, so
+# it quits at once: an exception raised in the middle of numpy's import would come back as another error's traceback.
+if __name__ == "__main__":  # imported (by the tests, benchmark.py), a module leaves the importer's signals alone
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: (os.write(2, b"interrupted while starting: nothing was done\n"), os._exit(1)))
 
 import argparse
 import csv
 import math
-import os
 import random
 
 import torch

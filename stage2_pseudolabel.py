@@ -33,11 +33,14 @@ vehicle's region (found in the labelled images' masks) is 255. <out> also holds:
 The same command again finishes an interrupted run and leaves a finished one alone; a folder of another
 checkpoint's pseudo-masks is refused, unless --overwrite, which removes only what this script wrote there.
 """
+import os
 import signal
-import sys
 
-# A Ctrl-C while the imports below run (seconds) ends the command in one line, not a traceback.
-signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted while starting: nothing was done"))
+# A Ctrl-C or SIGTERM while the imports below run (seconds) ends the command in one line. Nothing is written yet, so
+# it quits at once: an exception raised in the middle of numpy's import would come back as another error's traceback.
+if __name__ == "__main__":  # imported (by the tests, benchmark.py), a module leaves the importer's signals alone
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: (os.write(2, b"interrupted while starting: nothing was done\n"), os._exit(1)))
 
 import argparse
 import collections
@@ -45,7 +48,6 @@ import concurrent.futures
 import csv
 import io
 import json
-import os
 import random
 import time
 from pathlib import Path

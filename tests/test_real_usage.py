@@ -103,6 +103,7 @@ def test_a_run_killed_at_any_moment_continues_to_the_same_weights_and_its_lock_i
     deadline = time.time() + 300
     while time.time() < deadline and (not history.exists() or len(history.read_text().splitlines()) < 4):
         time.sleep(0.05)
+    first.send_signal(signal.SIGSTOP)  # frozen mid-run: the second command cannot come after the first has ended
     second = run_script("stage1_train.py", *command[2:], "--out", tmp_path / "killed", check=False)
     assert_user_error(second, f"--out {tmp_path / 'killed'} is in use by process {first.pid}", "wait for it to end")
     first.send_signal(signal.SIGKILL)
