@@ -139,18 +139,21 @@ class DataDescription:
     notes: list = dataclasses.field(default_factory=list)  # what the start of a run says about the data
 
 
-def describe_dataset(root, flag="--data-root"):
-    """Recognise the dataset by its folders: Cityscapes, VOC2012 or a VOC-style export, or your own data."""
+def describe_dataset(root, flag="--data-root", run_val=None):
+    """Recognise the dataset by its folders: Cityscapes, VOC2012 or a VOC-style export, or your own data. run_val:
+    the val of the run a command continues, (ids, its file), taken where the data has no val list of its own."""
     if not os.path.isdir(root):
         raise UserError(f"{flag} {root} is not a folder (VOC2012, Cityscapes or your own data; see README)")
-    for folder, describe in [("leftImg8bit", cityscapes), ("JPEGImages", voc), ("images", own_data)]:
+    if os.path.isdir(os.path.join(root, "leftImg8bit")):
+        return cityscapes(root, flag)
+    for folder, describe in [("JPEGImages", voc), ("images", own_data)]:
         if os.path.isdir(os.path.join(root, folder)):
-            return describe(root, flag)
+            return describe(root, flag, run_val)
     raise UserError(f"{flag} {root} is neither VOC2012 (JPEGImages/), Cityscapes (leftImg8bit/) nor your own data "
                     "(images/, masks/, classes.txt); prepare_data.py converts COCO, Roboflow, ADE20K, Oxford pets")
 
 
-def voc(root, flag):
+def voc(root, flag, run_val=None):
     """VOC2012 with SBD's masks, and the VOC-style exports of LabelMe (labelme2voc) and CVAT (Segmentation mask 1.1).
     Masks: SBD's SegmentationClassAug/ for training images, SegmentationClass/ (VOC's; CVAT's in colour), LabelMe's
     SegmentationClassPNG/. Training ids: train_aug.txt's, SegmentationClassAug/'s, train.txt's or every image's."""
@@ -170,7 +173,7 @@ def voc(root, flag):
     if absent:
         raise UserError(f"{root}: {absent[0]} has a mask or a line in ImageSets/ but no image in JPEGImages/")
     masks = {i: mask_of(i, ["SegmentationClassAug"] + own) for i in train_ids}
-    val_ids = val_ids or choose_val(root, images, masks, notes)
+    val_ids = val_ids or choose_val(root, images, masks, notes, run_val)
     masks.update({i: mask_of(i, own + ["SegmentationClassAug"]) for i in val_ids})  # VOC's own val masks, not SBD's
     train_ids, classic = sorted(set(train_ids) - set(val_ids)), set(listed("Segmentation/train.txt") or images)
     names, colours, table, class_notes = read_classes(root) or (
@@ -220,7 +223,7 @@ def cityscapes_label_ids():
     return [c.name for c in classes], np.array([c.id for c in classes] + [0] * (256 - len(classes)), np.uint8), palette
 
 
-def own_data(root, flag):
+def own_data(root, flag, run_val=None):
     """Your own data: images/ (any depth; the path below it without extension is the id), masks/<id>.png (or
     <id>_mask.png, any lossless format) where there is one, a class list (without one, masks of only 0 and 255, or
     0 and 1, are background and foreground), and val.txt, else a seeded fifth of the masked images as val."""
@@ -260,7 +263,7 @@ def own_data(root, flag):
     valid = table >= 0 if table is not None else (np.arange(256) < len(names)) | (np.arange(256) == IGNORE)
     for path in masks.values() if not all(valid[v] for v in found) else []:  # read_mask names the first at fault
         read_mask(path, len(names), None, table, colours)
-    val_ids = choose_val(root, images, masks, notes)
+    val_ids = choose_val(root, images, masks, notes, run_val)
     train_ids = sorted(set(images) - set(val_ids))
     return DataDescription("folder", root, names, palette, images, {i: masks.get(i) for i in images}, train_ids,
                            val_ids, [i for i in train_ids if i in masks], table, colours, notes + class_notes)
@@ -297,20 +300,28 @@ def files_by_id(folder):
     return files
 
 
-def choose_val(root, images, masks, notes):
-    """The val ids of a dataset without a val list of its own: val.txt's, else a seeded fifth of the masked images."""
-    if not os.path.exists(os.path.join(root, "val.txt")):
+def choose_val(root, images, masks, notes, run_val=None):
+    """The val ids of a dataset without a val list of its own: val.txt's; else those of the run a command continues
+    (run_val: its stages and later labelling rounds keep one val as masks are added); else a seeded fifth of the
+    masked images."""
+    if os.path.exists(os.path.join(root, "val.txt")):
+        source = f"{root}/val.txt"
+        val_ids = sorted({image_id_of(line, images) for line in read_lines(source)})
+        notes.append(f"val: the {len(val_ids)} images of val.txt")
+    elif run_val:
+        val_ids, source = sorted(run_val[0]), run_val[1]
+        notes.append(f"val: the {len(val_ids)} images of {source}, the run's val (no val.txt in {root})")
+    else:
         masked = sorted(i for i in images if masks.get(i))
-        notes.append(f"val: {max(1, len(masked) // 5)} of the {len(masked)} masked images, a seeded fifth (no val.txt: "
-                     "new masks change it)")
+        notes.append(f"val: {max(1, len(masked) // 5)} of the {len(masked)} masked images, a seeded fifth (no val.txt; "
+                     "this run's later stages and labelling rounds keep it)")
         return sorted(random.Random(0).sample(masked, max(1, len(masked) // 5)))
-    val_ids = sorted({image_id_of(line, images) for line in read_lines(os.path.join(root, "val.txt"))})
     for image_id in val_ids:
         if not masks.get(image_id):
             what = "has no mask (a val image needs one)" if image_id in images else "is no image of the dataset"
-            raise UserError(f"{root}/val.txt lists {image_id}, which {what}")
-    notes.append(f"val: the {len(val_ids)} images of val.txt")
+            raise UserError(f"{source} lists {image_id}, which {what}")
     return val_ids
+
 
 
 def read_classes(root):

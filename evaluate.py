@@ -51,7 +51,8 @@ def get_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of a training stage, or its run folder")
     parser.add_argument("--compare", nargs="+", default=[], metavar="CHECKPOINT",
                         help="also evaluate these checkpoints the same way, and say how far --checkpoint is above each")
-    parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on)")
+    parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on, "
+                                            "on the val of its run where the data has no val list)")
     parser.add_argument("--images",
                         help="predict this image, or the images in this folder, instead of evaluating on val")
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present, else cpu)")
@@ -296,7 +297,8 @@ def main(argv=None):
             raise UserError(f"{skipped} of {total} images of {args.images} could not be predicted (named above)")
         return
 
-    description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
+    root = args.data_root or checkpoint["args"]["data_root"]
+    description = common.describe_dataset(root, run_val=outputs.val_of_run(os.path.dirname(path), root))
     others = [outputs.load_checkpoint(other, "--compare") for other in args.compare]
     for other, other_path in [(checkpoint, path)] + others:
         common.check_checkpoint_fits(other, other_path, description)

@@ -143,6 +143,20 @@ def read_rounds(folder):
         return {row["id"]: int(row["round"]) for row in csv.DictReader(f)}
 
 
+def val_of_run(folder, data_root):
+    """The val of the run in `folder`, (ids, its val.txt), which the commands that continue the run (its later stages,
+    a resumed run, the next labelling round) keep where the data has no val list of its own, so that new masks do not
+    change it; None where there is no folder or no val.txt, or its run was made on other data than data_root."""
+    if folder is None:
+        return None
+    path = os.path.join(folder, "val.txt")
+    try:
+        made_on = json.loads(Path(folder, RECORD).read_text())["recipe"]["data_root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (common.read_lines(path), path) if made_on == os.path.realpath(data_root) and os.path.isfile(path) else None
+
+
 def check_names(ids):
     """Before any work: the files named after each image id (<id>.png, <id>.npy, while written <id>.png.tmp<pid>)
     must fit in a file name's 255 bytes."""

@@ -63,7 +63,7 @@ def get_args_parser():
     data.add_argument("--add-labeled", nargs=2, metavar=("DIR", "K"),
                       help="the next labelling round, instead of --labeled: the labelled images of DIR's split (a "
                            "stage2_pseudolabel.py --out) and the first K images of its label_next.csv, whose masks "
-                           "you have added to the data since")
+                           "you have added to the data since; DIR's val is kept")
     data.add_argument("--batch-size", type=int, default=16,
                       help="labelled images a step, over all processes (default: %(default)s)")
     data.add_argument("--strong-aug", action="store_true",
@@ -107,9 +107,8 @@ def next_round(description, folder, count):
                         f"{description.root}")
     val = os.path.join(folder, "val.txt")
     if os.path.exists(val) and common.read_lines(val) != sorted(description.val_ids):
-        raise UserError(f"the val images of {description.root} are no longer those of {val}: without a val.txt, val "
-                        "is a seeded fifth of the masked images, which changes as masks are added; copy that val.txt "
-                        "into the data and run this again")
+        raise UserError(f"the val images of {description.root} (its val list) are not those of {val}, the earlier "
+                        "round's; list the same ones, or draw a new split with --labeled")
     rounds = outputs.read_rounds(folder)
     with open(ranking, newline="", encoding="utf-8") as f:
         ranked = [row["id"] for row in csv.DictReader(f)]
@@ -201,9 +200,9 @@ def train_one_step(model, images, masks, optimizer, scheduler, amp):
 def main(argv=None):
     args = training.parse_args(get_args_parser(), argv, "stage1_train.py")
     training.check_batch(args, args.batch_size, "--batch-size")
+    previous = args.add_labeled[0] if args.add_labeled else None  # the round before: its val is kept
     run = training.start_run(args, "stage1_train.py", lambda description, checkpoint: make_split(description, args)
-                             if checkpoint is None else training.split_of(checkpoint),
-                             reads=[args.add_labeled[0]] if args.add_labeled else [])
+                             if checkpoint is None else training.split_of(checkpoint), [previous], val_from=previous)
     if run is None:
         return
     args, description, device, checkpoint, (labeled, unlabeled, rounds) = run

@@ -75,7 +75,8 @@ def get_args(argv=None):
     parser.add_argument("--checkpoint", required=True, help="a checkpoint.pt of a training stage, or its run folder")
     parser.add_argument("--out", required=True,
                         help="folder for the pseudo-masks, new or this script's, e.g. runs/pseudo1")
-    parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on)")
+    parser.add_argument("--data-root", help="the dataset's folder (default: the one the checkpoint was trained on, "
+                                            "with the val of its run where the data has no val list)")
     parser.add_argument("--previous", nargs="+", default=[], metavar="DIR",
                         help="the pseudo-masks of earlier rounds of the same run: shown beside this round in "
                              "preview.png and in a table of the rounds")
@@ -454,7 +455,8 @@ def main(argv=None):
     common.check_numbers(args, positive=("batch_size",), at_least_zero=("workers",))
     device = common.init_distributed_mode(args)
     checkpoint, checkpoint_path = outputs.load_checkpoint(args.checkpoint)
-    description = common.describe_dataset(args.data_root or checkpoint["args"]["data_root"])
+    root = args.data_root or checkpoint["args"]["data_root"]
+    description = common.describe_dataset(root, run_val=outputs.val_of_run(os.path.dirname(checkpoint_path), root))
     class_names, labeled, unlabeled = checkpoint["class_names"], checkpoint["labeled"], checkpoint["unlabeled"]
     check_data(checkpoint, checkpoint_path, description)
     recipe = {"checkpoint": outputs.fingerprint(checkpoint_path), "data_root": os.path.realpath(description.root)}

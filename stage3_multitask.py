@@ -242,7 +242,8 @@ def main(argv=None):
     def split(description, _):
         """The split of the pseudo-masks (a continued run's too), with its labelling rounds."""
         return (*pseudo_split(args.pseudo, pseudo, description), outputs.read_rounds(args.pseudo))
-    run = training.start_run(args, "stage3_multitask.py", split, reads=[args.pseudo, args.init], inputs=inputs)
+    run = training.start_run(args, "stage3_multitask.py", split, reads=[args.pseudo, args.init], inputs=inputs,
+                             val_from=args.pseudo)
     if run is None:
         return
     args, description, device, checkpoint, (labeled, unlabeled, rounds) = run

@@ -100,15 +100,16 @@ def parse_args(parser, argv, script):
     return args
 
 
-def start_run(args, script, make_split, reads=(), inputs=None):
+def start_run(args, script, make_split, reads=(), inputs=None, val_from=None):
     """Stages 1 and 3 before training, in this order so that a refusal leaves nothing behind: check the flags;
     take --out (new, empty, or this script's run there, which the same command continues, and does not redo once
     finished), apart from the data and the input folders or files in `reads` (a checkpoint file: its folder); refuse
     to continue a run of another recipe, in which `inputs(args)` stands for the flags naming input files (by their
     content, so that folders may move); read the dataset; make the split, make_split(description, checkpoint or
     None) -> (labeled, unlabeled, {id: labelling round}), and check it and every labelled and val mask; then write
-    the record and the split files. Returns (args, description, device, checkpoint or None, split), or None when
-    the run in --out is finished."""
+    the record and the split files. Where the data has no val list of its own, val is that of the run continued in
+    --out, else that of the run folder val_from (stage 3's pseudo-masks, stage 1's --add-labeled). Returns (args,
+    description, device, checkpoint or None, split), or None when the run in --out is finished."""
     if min(args.crop_size) < common.MIN_SIDE or len(args.crop_size) > 2:
         raise UserError(f"--crop-size {' '.join(map(str, args.crop_size))}: one number or two (HEIGHT WIDTH), "
                         f"each at least {common.MIN_SIDE}")
@@ -124,9 +125,11 @@ def start_run(args, script, make_split, reads=(), inputs=None):
     device = common.init_distributed_mode(args)
     if args.channels_last is None:  # the tensor cores' layout, on by default on a GPU
         args.channels_last = device.type == "cuda"
-    description = common.describe_dataset(args.data_root)
+    continuing = record is not None and os.path.exists(os.path.join(args.out, "checkpoint.pt"))  # else: starts again
+    run_val = outputs.val_of_run(args.out if continuing else val_from, args.data_root)
+    description = common.describe_dataset(args.data_root, run_val=run_val)
     checkpoint = None
-    if record is not None and os.path.exists(os.path.join(args.out, "checkpoint.pt")):  # else it just starts again
+    if continuing:
         outputs.check_same_recipe(record["recipe"], recipe, args.out,
                                   "use another --out, or the run's flags (or --resume) to continue it")
         if os.path.exists(os.path.join(args.out, "metrics.json")):

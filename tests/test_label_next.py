@@ -58,12 +58,12 @@ def test_the_next_round_adds_the_first_k_of_label_next_once_they_have_masks(tmp_
     assert_user_error(refused, "--add-labeled: 2 of the first 2 images", "have no mask yet", first[0], "rank 1")
     assert not os.path.exists(tmp_path / "s2" / "checkpoint.pt")
     label(root, first)
-    # Without a val.txt, the data's val is a seeded fifth of its masked images: new masks would change it.
-    assert_user_error(next_round(2, tmp_path / "s2"), "are no longer those of", "copy that val.txt into the data")
-    shutil.copy(tmp_path / "p1" / "val.txt", os.path.join(root, "val.txt"))
+    # Without a val.txt, val is a seeded fifth of the masked images, which the new masks would change: it is kept.
     result = next_round(2, tmp_path / "s2")
     assert result.returncode == 0, result.stderr
+    assert f"val: the 1 images of {tmp_path / 'p1' / 'val.txt'}, the run's val (no val.txt in {root})" in result.stdout
     assert "5 labelled and 8 unlabelled training images (2 labelled in later rounds" in result.stdout
+    assert lines(tmp_path / "s2" / "val.txt") == lines(tmp_path / "s1" / "val.txt")
     assert lines(tmp_path / "s2" / "labeled.txt") == sorted(old + first)
     assert not set(first) & set(lines(tmp_path / "s2" / "unlabeled.txt"))
     assert rounds_of(tmp_path / "s2") == {**{i: 1 for i in old}, **{i: 2 for i in first}}
@@ -76,11 +76,34 @@ def test_the_next_round_adds_the_first_k_of_label_next_once_they_have_masks(tmp_
                "--device", "cpu")
     for folder in ["p2", "m2", "p3"]:
         assert rounds_of(tmp_path / folder) == rounds_of(tmp_path / "s2"), folder
+        assert lines(tmp_path / folder / "val.txt") == lines(tmp_path / "s1" / "val.txt"), folder
     third = ranked(tmp_path / "p3")[:1]
     label(root, third)
     run_script("stage1_train.py", "--data-root", root, "--add-labeled", tmp_path / "p3", 1, *TINY_TRAIN,
                "--out", tmp_path / "s3")
     assert rounds_of(tmp_path / "s3") == {**rounds_of(tmp_path / "s2"), third[0]: 3}
+
+
+def test_a_runs_val_stays_as_masks_are_added(tmp_path):
+    """Without a val.txt, val is a seeded fifth of the masked images: a run's later commands keep the run's val."""
+    root = first_round(tmp_path)
+    val = lines(tmp_path / "s1" / "val.txt")
+    label(root, ranked(tmp_path / "p1")[:3])  # 11 masked images: the data's seeded fifth is now another
+    result = run_script("evaluate.py", "--checkpoint", tmp_path / "s1", "--device", "cpu")
+    assert f"on {len(val)} val images of {root}" in result.stdout
+    run_script("stage2_pseudolabel.py", "--checkpoint", tmp_path / "s1", "--out", tmp_path / "p1b", "--workers", 0,
+               "--device", "cpu")
+    assert lines(tmp_path / "p1b" / "val.txt") == val
+    run_script("stage3_multitask.py", "--pseudo", tmp_path / "p1", *TINY_MULTITASK, "--out", tmp_path / "m1")
+    assert lines(tmp_path / "m1" / "val.txt") == val
+    fresh = run_script("stage1_train.py", "--data-root", root, "--labeled", 3, *TINY_TRAIN, "--out", tmp_path / "new")
+    assert "val: 2 of the 11 masked images, a seeded fifth" in fresh.stdout  # a new split draws val anew
+    # Where the data has a val list, it decides; a round measured on another val is refused.
+    shutil.copy(tmp_path / "new" / "val.txt", os.path.join(root, "val.txt"))
+    refused = run_script("stage1_train.py", "--data-root", root, "--add-labeled", tmp_path / "p1", 1, *TINY_TRAIN,
+                         "--out", tmp_path / "s2", check=False)
+    assert_user_error(refused, f"(its val list) are not those of {tmp_path / 'p1' / 'val.txt'}, the earlier round's",
+                      "draw a new split with --labeled")
 
 
 def test_the_next_round_refuses_what_it_cannot_do(tmp_path):

@@ -72,7 +72,8 @@ def test_the_layout_is_recognised(own_root):
     assert d.val_ids == common.describe_dataset(own_root).val_ids  # the same every time
     assert sorted(d.train_ids) == sorted(set(ids) - set(d.val_ids)) and sorted(d.pool) == sorted(set(masked) - set(d.val_ids))
     assert d.notes == ["masks: 6 of the 10 images have one; the others are unlabelled",
-                       "val: 1 of the 6 masked images, a seeded fifth (no val.txt: new masks change it)",
+                       "val: 1 of the 6 masked images, a seeded fifth (no val.txt; this run's later stages and labelling "
+                       "rounds keep it)",
                        f"classes: from {own_root}/classes.txt"]
 
 
@@ -131,7 +132,8 @@ def test_the_start_of_a_run_says_what_the_data_holds(own_root, tmp_path):
     assert lines[0] == (f"folder data in {own_root}: 9 training images (5 with a mask, 4 without), 1 val images, "
                         "3 classes")
     assert lines[1:4] == ["masks: 6 of the 10 images have one; the others are unlabelled",
-                          "val: 1 of the 6 masked images, a seeded fifth (no val.txt: new masks change it)",
+                          "val: 1 of the 6 masked images, a seeded fifth (no val.txt; this run's later stages and "
+                          "labelling rounds keep it)",
                           f"classes: from {own_root}/classes.txt"]
     assert lines[4] == "this run: 2 labelled and 7 unlabelled training images"
     assert lines[5].startswith("pixels of the 2 labelled masks: background ") and "cat " in lines[5]
