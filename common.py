@@ -424,7 +424,7 @@ def read_image(path):
                 image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
             array = np.array(image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+        raise UserError(f"cannot read image {path}: {e}; replace it, or move it out of the data") from None
     return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
 
 
@@ -465,7 +465,10 @@ def read_mask(path, num_classes=None, size=None, label_table=None, colours=None)
     if array.max(initial=0) > IGNORE or array.min(initial=0) < 0:
         raise UserError(f"mask {path} has the value {int(array.max())}, neither a class nor {IGNORE}")
     if size is not None and array.shape != tuple(size):
-        raise UserError(f"mask {path} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}")
+        turned = (" (its sides swapped: an image with an EXIF orientation, as phones write, is read turned, as a "
+                  "viewer shows it, and its mask must be too)") if array.shape == tuple(size)[::-1] else ""
+        raise UserError(f"mask {path} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}"
+                        f"{turned}; a mask must be the size of its image")
     if label_table is not None:
         mapped = label_table[array.astype(np.int64)]
         if (mapped < 0).any():
@@ -643,14 +646,23 @@ def model_from_checkpoint(checkpoint, path, device=torch.device("cpu")):
 # ============================================================================= predicting whole images
 # Validation during training, the pseudo-masks and evaluate.py all predict whole images this way.
 
-def image_size(path):
-    """(height, width) of an image as read_image gives it, from its header alone (EXIF orientations 5-8 swap
-    the sides)."""
+def image_size(path, read_all=False):
+    """(height, width) of an image as read_image gives it, from its header (EXIF orientations 5-8 swap the sides).
+    read_all: also read the whole file, so that a truncated or damaged one is named now, not in the middle of a run
+    (fast: a PNG's checksums are checked without decoding it, a JPEG is decoded at an eighth of its size)."""
     try:
         with Image.open(path) as image:
-            return image.size if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size[::-1]
+            size = image.size if image.getexif().get(0x0112, 1) in (5, 6, 7, 8) else image.size[::-1]
+            png = image.format == "PNG"
+            if read_all and not png:
+                image.draft("RGB", (image.width // 8, image.height // 8))  # a JPEG's own reduced decoding
+                image.load()
+        if read_all and png:
+            with Image.open(path) as image:  # verify() must come first after opening
+                image.verify()
+        return size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"cannot read image {path}: {e}") from None
+        raise UserError(f"cannot read image {path}: {e}; replace it, or move it out of the data") from None
 
 
 def full_image_loader(dataset, batch_size, workers, rank=0, world=1, scale=1.0):

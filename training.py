@@ -175,8 +175,8 @@ def checkpoint_to_continue(args, description):
 
 def describe_data(description, labeled, unlabeled, rounds):
     """A training run's first lines: what the data and the split hold, so that a wrong layout shows at once. Every
-    training image's header and every labelled and val mask are read here, so that a bad one stops the run before
-    training rather than after it (or in the next stage)."""
+    training and val image (all of its file) and every labelled and val mask are read here, and the other masks'
+    sizes, so that a bad one stops the run before training rather than after it (or in the next stage)."""
     d, names = description, description.class_names
     common.check_not_val(d, labeled + unlabeled, "this run's split")
     outputs.check_names(labeled + unlabeled + d.val_ids)
@@ -189,11 +189,15 @@ def describe_data(description, labeled, unlabeled, rounds):
           + (f" ({added} labelled in later rounds: {outputs.ROUNDS})" if added else ""))
 
     def pixels(image_id):
-        size = common.image_size(d.images[image_id])  # also a mask of another size than its image's stops it now
+        size = common.image_size(d.images[image_id], read_all=True)  # a mask of another size stops it now too
         mask = common.read_mask(d.masks[image_id], len(names), size, d.label_table, d.colours).numpy()
         return np.bincount(mask.ravel(), minlength=256)
+    def unlabelled(image_id):  # as stage 2 reads it: the image, and the size of a true mask it measures against
+        size, mask = common.image_size(d.images[image_id], read_all=True), d.masks.get(image_id)
+        if mask and common.image_size(mask) != size:
+            common.read_mask(mask, len(names), size, d.label_table, d.colours)  # says which sizes differ
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: common.image_size(d.images[i]), unlabeled))  # one stage 2 cannot read: named now
+        list(pool.map(unlabelled, unlabeled))
         for what, ids in [("labelled", labeled), ("val", d.val_ids)]:
             counts = sum(pool.map(pixels, ids), np.zeros(256, dtype=np.int64))
             total = max(counts.sum(), 1)

@@ -42,10 +42,27 @@ def test_a_val_mask_of_the_wrong_size_is_found_at_the_start(tmp_path):
     refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1", "5.png is 40x28 but its image is 40x32")
 
 
-def test_an_unlabelled_image_that_cannot_be_read_is_named_by_stage1(tmp_path):
+def test_a_mask_of_a_turned_photo_says_why_its_sides_are_swapped(tmp_path):
+    from PIL import Image
     root = own_layout(tmp_path / "data", "background\ncat\ndog\n")
-    (root / "images" / "photo.jpg").write_bytes(b"not a jpeg")
-    refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1", "cannot read image", "photo.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, as phones do: a viewer turns it 90 degrees, to 32 wide and 40 high
+    Image.fromarray(image_of(0)).save(root / "images" / "0.jpg", exif=exif.tobytes())
+    refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1", "0.png is 40x32 but its image is 32x40 "
+                            "(its sides swapped: an image with an EXIF orientation", "a mask must be the size of its image")
+    save(str(root / "masks" / "0.png"), np.rot90(classes_of(0), -1))  # the mask drawn on the photo as shown
+    assert stage1(root, tmp_path / "s1").returncode == 0
+
+
+@pytest.mark.parametrize("name,damage", [("photo.jpg", "not an image"), ("photo.jpg", "truncated"),
+                                         ("photo.png", "truncated")])
+def test_an_unlabelled_image_that_cannot_be_read_is_named_by_stage1(tmp_path, name, damage):
+    root = own_layout(tmp_path / "data", "background\ncat\ndog\n")
+    save(str(root / "images" / name), image_of(1))
+    whole = (root / "images" / name).read_bytes()  # a header that reads, the rest cut off: found only by decoding
+    (root / "images" / name).write_bytes(b"not an image" if damage == "not an image" else whole[:len(whole) * 3 // 4])
+    refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1", f"cannot read image {root / 'images' / name}",
+                            "replace it, or move it out of the data")
 
 
 def test_an_image_removed_after_stage1_is_named_so_by_stage2(tmp_path):
