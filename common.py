@@ -400,9 +400,19 @@ def colour_palette(colours=None):
 
 
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
-    """The files under a folder (any depth) with one of `extensions` in any case, sorted; hidden ones left out."""
-    return sorted(os.path.join(path, name) for path, _, names in os.walk(folder) for name in names
-                  if name.lower().endswith(extensions) and not name.startswith("."))
+    """The files under a folder (any depth) with one of `extensions` in any case, sorted. Hidden files and folders
+    (.ipynb_checkpoints/, macOS's ._ files) are left out; linked folders are read, each once (a link back up is
+    no loop)."""
+    files, seen = [], set()
+    for path, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        if os.path.realpath(path) in seen:
+            folders[:] = []
+            continue
+        seen.add(os.path.realpath(path))
+        files += [os.path.join(path, name) for name in names if name.lower().endswith(extensions)
+                  and not name.startswith(".")]
+    return sorted(files)
 
 
 def image_id_of(line, images):

@@ -4,7 +4,7 @@
 # pseudo-masks (to measure the last round), then the evaluation of the final model beside stage 1
 # (and the controls). Every command is printed before it runs, so that it can be copied.
 #
-#   ./run_pipeline.sh                           the offline CPU demo on synthetic data (4-9 minutes on 2 cores)
+#   ./run_pipeline.sh                           the offline CPU demo on synthetic data (3-9 minutes on 2 cores)
 #   ./run_pipeline.sh DATA_ROOT LABELED [OUT]   the default recipe on VOC, Cityscapes or your own data
 #
 # Environment:

@@ -102,10 +102,18 @@ def pseudo_split(folder, record, description):
     return sorted(labeled), sorted(unlabeled)
 
 
-def load_init(student, path, backbone, num_classes):
+def check_init(checkpoint, path, backbone, description):
+    """--init, before anything is written: a model of this run's backbone and classes, not trained on val images."""
+    if checkpoint["args"]["backbone"] != backbone or len(checkpoint["class_names"]) != len(description.class_names):
+        raise UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of "
+                        f"{len(checkpoint['class_names'])} classes; this run is a {backbone} model of "
+                        f"{len(description.class_names)} classes")
+    common.check_checkpoint_fits(checkpoint, path, description)
+
+
+def load_init(student, checkpoint, path, backbone, num_classes):
     """Start from another checkpoint's weights (its mean teacher's, where it has one). The auxiliary head and ĝ's
     own stage start fresh, as they do from ImageNet weights."""
-    checkpoint, path = outputs.load_checkpoint(path, "--init")
     new = ("aux_head.", "aux_last_stage.")
     weights = {k: v for k, v in common.final_weights(checkpoint).items() if not k.startswith(new)}
     try:
@@ -239,8 +247,12 @@ def main(argv=None):
     training.check_batch(args, args.batch_labeled + (args.batch_unlabeled if args.w_con else 0),
                          "--batch-labeled + --batch-unlabeled")
 
+    init = outputs.load_checkpoint(args.init, "--init") if args.init else None
+
     def split(description, _):
-        """The split of the pseudo-masks (a continued run's too), with its labelling rounds."""
+        """The split of the pseudo-masks (a continued run's too), with its labelling rounds; --init checked."""
+        if init:
+            check_init(*init, args.backbone, description)
         return (*pseudo_split(args.pseudo, pseudo, description), outputs.read_rounds(args.pseudo))
     run = training.start_run(args, "stage3_multitask.py", split, reads=[args.pseudo, args.init], inputs=inputs,
                              val_from=args.pseudo)
@@ -259,8 +271,9 @@ def main(argv=None):
     class_names = description.class_names
     student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights,
                                  aux_head=args.aux_head)
-    if args.init and checkpoint is None:
-        load_init(student, args.init, args.backbone, len(class_names))
+    if init and checkpoint is None:
+        load_init(student, *init, args.backbone, len(class_names))
+    init = None  # its weights are the student's now
     optimizer, scheduler = training.make_optimizer(student, args)
     student = training.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head
     teacher, update_teacher = make_teacher(training.unwrapped(student))

@@ -98,6 +98,12 @@ def test_a_runs_val_stays_as_masks_are_added(tmp_path):
     assert lines(tmp_path / "m1" / "val.txt") == val
     fresh = run_script("stage1_train.py", "--data-root", root, "--labeled", 3, *TINY_TRAIN, "--out", tmp_path / "new")
     assert "val: 2 of the 11 masked images, a seeded fifth" in fresh.stdout  # a new split draws val anew
+    run_script("stage2_pseudolabel.py", "--checkpoint", tmp_path / "new", "--out", tmp_path / "pnew", "--workers", 0,
+               "--device", "cpu")
+    leak = run_script("stage3_multitask.py", "--pseudo", tmp_path / "pnew", "--init", tmp_path / "s1",
+                      *TINY_MULTITASK, "--out", tmp_path / "mnew", check=False)  # s1 trained on the new val's images
+    assert_user_error(leak, f"of {tmp_path / 's1' / 'checkpoint.pt'}'s training are val images of {root} now")
+    assert not os.path.exists(tmp_path / "mnew")
     # Where the data has a val list, it decides; a round measured on another val is refused.
     shutil.copy(tmp_path / "new" / "val.txt", os.path.join(root, "val.txt"))
     refused = run_script("stage1_train.py", "--data-root", root, "--add-labeled", tmp_path / "p1", 1, *TINY_TRAIN,

@@ -79,6 +79,7 @@ def test_init_of_another_backbone_names_both(pseudo_dir, tmp_path):
     result = run_script("stage3_multitask.py", "--pseudo", pseudo, *TINY_MULTITASK, "--backbone", "resnet50",
                         "--batch-unlabeled", 3, "--init", stage1, "--out", tmp_path / "stage", check=False)
     assert_user_error(result, f"--init {stage1} is a tiny_unet model of 21 classes; this run is a resnet50 model of 21 classes")
+    assert not os.path.exists(tmp_path / "stage")  # refused before anything was written
 
 
 def test_missing_pseudo_masks_are_counted_and_a_folder_of_pngs_is_not_taken(pseudo_dir, tmp_path):

@@ -4,6 +4,7 @@ what a training run says at its start, and the scripts on it."""
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -97,6 +98,21 @@ def test_hidden_files_are_left_alone(own_root):
         with open(os.path.join(own_root, path), "wb") as f:
             f.write(b"not an image")
     assert len(common.describe_dataset(own_root).images) == 10
+
+
+def test_hidden_folders_are_left_out_and_linked_folders_read_once(own_root, tmp_path):
+    """Jupyter's .ipynb_checkpoints/ holds copies, not images of the data; a folder linked in (data on another disk)
+    is read, and a link back up is no loop."""
+    checkpoints = os.path.join(own_root, "images", ".ipynb_checkpoints")
+    os.makedirs(checkpoints)
+    shutil.copy(os.path.join(own_root, "images", "img00.jpg"), os.path.join(checkpoints, "img00-checkpoint.jpg"))
+    elsewhere = tmp_path / "other_disk" / "batch2"
+    os.makedirs(elsewhere)
+    shutil.copy(os.path.join(own_root, "images", "img00.jpg"), elsewhere / "b0.jpg")
+    os.symlink(elsewhere, os.path.join(own_root, "images", "batch2"))
+    os.symlink(os.path.join(own_root, "images"), elsewhere / "back")  # a loop
+    images = common.describe_dataset(own_root).images
+    assert len(images) == 11 and "batch2/b0" in images and not any("ipynb" in i or "back" in i for i in images)
 
 
 @pytest.mark.parametrize("form,classes_txt", [
