@@ -26,7 +26,7 @@ IGNORE = 255  # the label of pixels that count nowhere: object borders, padding,
 VOC_CLASSES = ("background aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
                "person pottedplant sheep sofa train tvmonitor").split()
 BACKBONES = ["resnet101", "resnet50", "tiny_unet"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".gif")  # lossless: JPEG changes a mask's values at edges
 MIN_SIDE = 8  # the shortest image side the models take (the tiny U-Net halves it three times)
 OS_FILES = {"thumbs.db", "ehthumbs.db", "desktop.ini"}  # what Windows leaves in folders (macOS's are hidden files)
@@ -228,6 +228,12 @@ def own_data(root, flag, run_val=None):
     <id>_mask.png, any lossless format) where there is one, a class list (without one, masks of only 0 and 255, or
     0 and 1, are background and foreground), and val.txt, else a seeded fifth of the masked images as val."""
     images, masks, notes, mask_root = files_by_id(os.path.join(root, "images")), {}, [], os.path.join(root, "masks")
+    others = [path for path in list_images(os.path.join(root, "images"), extensions="")
+              if not path.lower().endswith(IMAGE_EXTENSIONS) and os.path.basename(path).lower() not in OS_FILES]
+    if others:  # LabelMe's .json beside its images, or photos in a format not read here (.heic)
+        kinds = sorted({os.path.splitext(path)[1].lower() or os.path.basename(path) for path in others})
+        notes.append(f"images/: {len(others)} files left out, not images of a kind read here ({', '.join(kinds[:5])}"
+                     f"{', ...' if len(kinds) > 5 else ''}; images: {' '.join(IMAGE_EXTENSIONS)})")
     for path in list_images(mask_root, extensions=""):
         if os.path.basename(path).lower() in OS_FILES:
             continue

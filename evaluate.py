@@ -14,7 +14,7 @@ batched together, so --batch-size never changes the result. --window and --strid
 the field evaluates full-resolution Cityscapes models. --compare evaluates other checkpoints the same way and says
 how far --checkpoint is above each.
 
-With --images (a folder, searched at any depth for .jpg .jpeg .png .bmp .tif .tiff, or one image file; no masks
+With --images (a folder, searched at any depth for .jpg .jpeg .png .bmp .tif .tiff .webp, or one image file; no masks
 needed) it writes, for each image, <name>.png (the palette PNG of predicted classes at the image's own size: class
 indices, shown in the classes' colours; a dataset of 0/255 masks gets 0 black and 1 white) and <name>_overlay.jpg
 (the image with the classes tinted and outlined, and a legend) into --save-dir, keeping the folder structure. The

@@ -100,6 +100,16 @@ def test_hidden_files_are_left_alone(own_root):
     assert len(common.describe_dataset(own_root).images) == 10
 
 
+def test_webp_images_are_read_and_other_files_said_to_be_left_out(own_root):
+    Image.open(os.path.join(own_root, "images", "img09.jpg")).save(os.path.join(own_root, "images", "web.webp"))
+    for name in ["img09.json", "phone.HEIC"]:  # LabelMe's shapes beside an image; an iPhone photo
+        with open(os.path.join(own_root, "images", name), "wb") as f:
+            f.write(b"{}")
+    d = common.describe_dataset(own_root)
+    assert "web" in d.images and common.read_image(d.images["web"]).shape == (3, 20, 24)
+    assert "images/: 2 files left out, not images of a kind read here (.heic, .json; images: .jpg .jpeg" in d.notes[0]
+
+
 def test_hidden_folders_are_left_out_and_linked_folders_read_once(own_root, tmp_path):
     """Jupyter's .ipynb_checkpoints/ holds copies, not images of the data; a folder linked in (data on another disk)
     is read, and a link back up is no loop."""
