@@ -144,6 +144,10 @@ def describe_dataset(root, flag="--data-root", run_val=None):
     the val of the run a command continues, (ids, its file), taken where the data has no val list of its own."""
     if not os.path.isdir(root):
         raise UserError(f"{flag} {root} is not a folder (VOC2012, Cityscapes or your own data; see README)")
+    layouts = [name for name in ["leftImg8bit", "JPEGImages", "images"] if os.path.isdir(os.path.join(root, name))]
+    if len(layouts) > 1:
+        raise UserError(f"{flag} {root} holds both {layouts[0]}/ and {layouts[1]}/, the layouts of two kinds of "
+                        "dataset; keep one of them there, or move the other dataset into a folder of its own")
     if os.path.isdir(os.path.join(root, "leftImg8bit")):
         return cityscapes(root, flag)
     for folder, describe in [("JPEGImages", voc), ("images", own_data)]:
@@ -319,6 +323,9 @@ def choose_val(root, images, masks, notes, run_val=None):
         notes.append(f"val: the {len(val_ids)} images of {source}, the run's val (no val.txt in {root})")
     else:
         masked = sorted(i for i in images if masks.get(i))
+        if len(masked) < 2:
+            raise UserError(f"{root} has {len(masked)} images with a mask; it needs two at least, to train and to "
+                            "validate")
         notes.append(f"val: {max(1, len(masked) // 5)} of the {len(masked)} masked images, a seeded fifth (no val.txt; "
                      "this run's later stages and labelling rounds keep it)")
         return sorted(random.Random(0).sample(masked, max(1, len(masked) // 5)))

@@ -146,7 +146,8 @@ def make_split(description, args):
                                                                     if description.masks[i]]
         if not 1 <= args.labeled <= len(pool):
             raise UserError(f"--labeled {args.labeled}: the {args.protocol} protocol draws from the {len(pool)} "
-                            f"training images with a mask; use a number from 1 to {len(pool)}")
+                            "training images with a mask; " + (f"use a number from 1 to {len(pool)}" if pool else
+                                                               "every masked image is in val: list fewer in val.txt"))
         labeled = random.Random(args.split_seed).sample(sorted(pool), args.labeled)
     chosen, training_ids = set(labeled), set(description.train_ids)  # sets: membership in lists of 10,582 ids is slow
     if args.unlabeled_list:

@@ -42,6 +42,18 @@ def test_a_val_mask_of_the_wrong_size_is_found_at_the_start(tmp_path):
     refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1", "5.png is 40x28 but its image is 40x32")
 
 
+def test_two_layouts_in_one_folder_and_a_voc_folder_without_masks_are_refused(tmp_path):
+    root = own_layout(tmp_path / "data", "background\ncat\ndog\n")
+    (root / "JPEGImages").mkdir()  # left over from another dataset
+    refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1", "holds both JPEGImages/ and images/",
+                            "keep one of them there")
+    (root / "images").rename(root / "images_old")  # now a VOC-style folder: images, but no mask in its folders
+    for index in range(6):
+        save(str(root / "JPEGImages" / f"{index}.jpg"), image_of(index))
+    refused_before_training(stage1(root, tmp_path / "s1"), tmp_path / "s1",
+                            f"{root} has 0 images with a mask; it needs two at least")
+
+
 def test_a_mask_of_a_turned_photo_says_why_its_sides_are_swapped(tmp_path):
     from PIL import Image
     root = own_layout(tmp_path / "data", "background\ncat\ndog\n")

@@ -204,6 +204,8 @@ def write(path, array):
     ("two images with one id", "have the same id img00"),
     ("no classes.txt", "has no class list and its masks hold the values 0, 1, 2; name the classes in classes.txt"),
     ("a colour for some classes only", "give every class a colour of its own"),
+    ("every masked image in val", "draws from the 0 training images with a mask; every masked image is in val: list "
+                                  "fewer in val.txt"),
 ])
 def test_refusals_name_the_file_and_what_is_wrong(tmp_path, damage, fragment):
     root = str(tmp_path / "data")
@@ -228,6 +230,10 @@ def test_refusals_name_the_file_and_what_is_wrong(tmp_path, damage, fragment):
     elif damage == "a colour for some classes only":
         with open(os.path.join(root, "classes.txt"), "w") as f:
             f.write("background 0 0 0\ncat\ndog\n")
+    elif damage == "every masked image in val":
+        with open(os.path.join(root, "val.txt"), "w") as f:
+            f.write("".join(f"{os.path.relpath(path, os.path.join(root, 'masks'))[:-4]}\n"
+                            for path in common.list_images(os.path.join(root, "masks"), extensions=".png")))
     result = run_script("stage1_train.py", "--data-root", root, "--labeled", 2, *TINY_TRAIN, "--out", tmp_path / "run",
                         check=False)
     assert_user_error(result, fragment)
