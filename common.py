@@ -289,14 +289,16 @@ def check_not_val(description, ids, what):
 
 
 def check_checkpoint_fits(checkpoint, path, description):
-    """A checkpoint must predict the data's classes and must not have trained on its val images."""
+    """A checkpoint must predict the data's classes and must not have trained on its val images (where it trained on
+    this data: the same ids in other data are other images)."""
     names = checkpoint["class_names"]
     if names != description.class_names:
         raise UserError(f"{path} predicts {len(names)} classes but {description.root} has "
                         f"{len(description.class_names)}, or other ones ({', '.join(names[:3])}, ... against "
                         f"{', '.join(description.class_names[:3])}, ...); is it the right --data-root, with the class "
                         "list it was trained with?")
-    check_not_val(description, checkpoint["labeled"] + checkpoint["unlabeled"], f"{path}'s training")
+    if os.path.realpath(checkpoint["args"]["data_root"]) == os.path.realpath(description.root):
+        check_not_val(description, checkpoint["labeled"] + checkpoint["unlabeled"], f"{path}'s training")
 
 
 def files_by_id(folder):

@@ -110,6 +110,17 @@ def test_webp_images_are_read_and_other_files_said_to_be_left_out(own_root):
     assert "images/: 2 files left out, not images of a kind read here (.heic, .json; images: .jpg .jpeg" in d.notes[0]
 
 
+def test_a_checkpoint_that_trained_on_val_images_is_refused_on_its_own_data_only(own_root, tmp_path):
+    d = common.describe_dataset(own_root)
+    other = str(tmp_path / "other")
+    write_own_data(other)  # the same ids, other images
+    checkpoint = {"class_names": d.class_names, "labeled": d.val_ids, "unlabeled": [], "args": {"data_root": other}}
+    common.check_checkpoint_fits(checkpoint, "other.pt", d)
+    checkpoint["args"]["data_root"] = own_root
+    with pytest.raises(common.UserError, match=f"of own.pt's training are val images of {own_root} now"):
+        common.check_checkpoint_fits(checkpoint, "own.pt", d)
+
+
 def test_hidden_folders_are_left_out_and_linked_folders_read_once(own_root, tmp_path):
     """Jupyter's .ipynb_checkpoints/ holds copies, not images of the data; a folder linked in (data on another disk)
     is read, and a link back up is no loop."""
