@@ -192,12 +192,12 @@ def describe_data(description, labeled, unlabeled, rounds):
         size = common.image_size(d.images[image_id], read_all=True)  # a mask of another size stops it now too
         mask = common.read_mask(d.masks[image_id], len(names), size, d.label_table, d.colours).numpy()
         return np.bincount(mask.ravel(), minlength=256)
-    def unlabelled(image_id):  # as stage 2 reads it: the image, and the size of a true mask it measures against
+    def check_unlabelled(image_id):  # as stage 2 reads it: the image, and the size of a true mask it measures against
         size, mask = common.image_size(d.images[image_id], read_all=True), d.masks.get(image_id)
         if mask and common.image_size(mask) != size:
             common.read_mask(mask, len(names), size, d.label_table, d.colours)  # says which sizes differ
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(unlabelled, unlabeled))
+        list(pool.map(check_unlabelled, unlabeled))
         for what, ids in [("labelled", labeled), ("val", d.val_ids)]:
             counts = sum(pool.map(pixels, ids), np.zeros(256, dtype=np.int64))
             total = max(counts.sum(), 1)
