@@ -420,11 +420,13 @@ def list_images(folder, extensions=IMAGE_EXTENSIONS):
     no loop)."""
     files, seen = [], set()
     for path, folders, names in os.walk(folder, followlinks=True):
+        # sorted: of two links to one folder, the first by name is read, every time
         folders[:] = sorted(name for name in folders if not name.startswith("."))
-        if os.path.realpath(path) in seen:
+        real = os.path.realpath(path)
+        if real in seen:
             folders[:] = []
             continue
-        seen.add(os.path.realpath(path))
+        seen.add(real)
         files += [os.path.join(path, name) for name in names if name.lower().endswith(extensions)
                   and not name.startswith(".")]
     return sorted(files)

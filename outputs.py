@@ -151,8 +151,8 @@ def val_of_run(folder, data_root):
         return None
     path = os.path.join(folder, "val.txt")
     try:
-        made_on = json.loads(Path(folder, RECORD).read_text())["recipe"]["data_root"]
-    except (OSError, ValueError, KeyError, TypeError):
+        made_on = record_of(folder)["recipe"]["data_root"]
+    except (KeyError, TypeError):  # no record, or not one of a run
         return None
     return (common.read_lines(path), path) if made_on == os.path.realpath(data_root) and os.path.isfile(path) else None
 
@@ -272,12 +272,18 @@ def release_locks():
         os.close(fd)
 
 
-def read_record(folder, flag, script):
+def record_of(folder):
+    """A folder's run.json, what made it; {} where there is none, or it is damaged."""
     try:
         record = json.loads(Path(folder, RECORD).read_text())
     except (OSError, ValueError):
-        record = {}
-    if not isinstance(record, dict) or record.get("script") != script:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_record(folder, flag, script):
+    record = record_of(folder)
+    if record.get("script") != script:
         raise UserError(f"{flag} {folder} holds no outputs of {script} (its {RECORD} is missing, damaged or another "
                         "script's); choose another folder")
     return record

@@ -104,14 +104,14 @@ def pseudo_split(folder, record, description):
 
 def check_init(checkpoint, path, backbone, description):
     """--init, before anything is written: a model of this run's backbone and classes, not trained on val images."""
-    if checkpoint["args"]["backbone"] != backbone or len(checkpoint["class_names"]) != len(description.class_names):
+    if checkpoint["args"]["backbone"] != backbone:
         raise UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of "
                         f"{len(checkpoint['class_names'])} classes; this run is a {backbone} model of "
                         f"{len(description.class_names)} classes")
     common.check_checkpoint_fits(checkpoint, path, description)
 
 
-def load_init(student, checkpoint, path, backbone, num_classes):
+def load_init(student, checkpoint, path):
     """Start from another checkpoint's weights (its mean teacher's, where it has one). The auxiliary head and ĝ's
     own stage start fresh, as they do from ImageNet weights."""
     new = ("aux_head.", "aux_last_stage.")
@@ -120,10 +120,9 @@ def load_init(student, checkpoint, path, backbone, num_classes):
         missing, unexpected = student.load_state_dict(weights, strict=False)
     except RuntimeError:
         missing, unexpected = ["(shapes differ)"], []
-    if unexpected or any(not key.startswith(new) for key in missing):
-        raise UserError(f"--init {path} is a {checkpoint['args']['backbone']} model of "
-                        f"{len(checkpoint['class_names'])} classes; this run is a {backbone} model of "
-                        f"{num_classes} classes")
+    if unexpected or any(not key.startswith(new) for key in missing):  # check_init has passed: another version's
+        raise UserError(f"--init {path}: its weights do not fit this run's model (first: {(unexpected + missing)[0]}); "
+                        "train the run it comes from again with this version")
 
 
 # ============================================================================= the mean teacher
@@ -246,12 +245,13 @@ def main(argv=None):
     args.data_root = args.data_root or pseudo["recipe"]["data_root"]  # default: the data the masks were made on
     training.check_batch(args, args.batch_labeled + (args.batch_unlabeled if args.w_con else 0),
                          "--batch-labeled + --batch-unlabeled")
+    init = None  # --init's (checkpoint, path): loaded and checked before anything is written, where a new run uses it
 
-    init = outputs.load_checkpoint(args.init, "--init") if args.init else None
-
-    def split(description, _):
-        """The split of the pseudo-masks (a continued run's too), with its labelling rounds; --init checked."""
-        if init:
+    def split(description, checkpoint):
+        """The split of the pseudo-masks (a continued run's too), with its labelling rounds."""
+        nonlocal init
+        if args.init and checkpoint is None:
+            init = outputs.load_checkpoint(args.init, "--init")
             check_init(*init, args.backbone, description)
         return (*pseudo_split(args.pseudo, pseudo, description), outputs.read_rounds(args.pseudo))
     run = training.start_run(args, "stage3_multitask.py", split, reads=[args.pseudo, args.init], inputs=inputs,
@@ -267,13 +267,12 @@ def main(argv=None):
     print(f"the paper's stage {paper_stage} (auxiliary head: {args.aux_head}), on the pseudo-masks of "
           f"{pseudo['checkpoint']} (step {pseudo['step']}); {args.iters} steps of {args.batch_labeled} + "
           f"{args.batch_unlabeled} on {device}" + (f" ({args.world_size} processes)" if args.distributed else ""))
-
     class_names = description.class_names
     student = common.build_model(args.backbone, len(class_names), "none" if args.init else args.weights,
                                  aux_head=args.aux_head)
-    if init and checkpoint is None:
-        load_init(student, *init, args.backbone, len(class_names))
-    init = None  # its weights are the student's now
+    if init:
+        load_init(student, *init)
+        init = None  # its weights are the student's now: its memory is freed
     optimizer, scheduler = training.make_optimizer(student, args)
     student = training.prepare_model(student, args, device, find_unused_parameters=args.w_con == 0)  # no aux head
     teacher, update_teacher = make_teacher(training.unwrapped(student))
